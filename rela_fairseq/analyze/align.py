@@ -1,0 +1,115 @@
+"""Word alignments from cross-attention (``shared/spec/rela.md`` §4).
+
+The reference is teacher-forced. For target subword y_i:
+
+* **normal**: the attention row that predicts y_i (decoder input y_{i-1});
+* **shifted** (Chen et al. 2020): the row where y_i is the decoder input (it predicts y_{i+1}).
+
+The link goes to the argmax over the source subwords, EOS and padding excluded. A row with no weight on any source
+subword (a null ReLA row, or one that attends to EOS only) emits **no link**: fairseq's ``--print-alignment`` would
+pick position 0 there. Subword links become word links (a word pair is aligned if any of their subwords are), for
+sentencepiece (``▁`` starts a word) and subword-nmt BPE (``@@`` continues one). Per layer: every head, and the head
+average. ``swap`` writes (target word, source word) pairs, for gold sets in the other direction (RWTH De-En is
+German-first: an En→De model's links are swapped).
+"""
+
+from collections import defaultdict
+
+SEGMENTATIONS = ("auto", "spm", "bpe", "none")
+
+
+def detect_segmentation(token_lists):
+    for tokens in token_lists:
+        for token in tokens:
+            if token.startswith("\u2581"):
+                return "spm"
+            if token.endswith("@@"):
+                return "bpe"
+    return "none"
+
+
+def word_index(tokens, segmentation):
+    """The word each subword belongs to (0-based)."""
+    index, word = [], -1
+    for position, token in enumerate(tokens):
+        if segmentation == "spm":
+            starts = position == 0 or token.startswith("\u2581")
+        elif segmentation == "bpe":
+            starts = position == 0 or not tokens[position - 1].endswith("@@")
+        else:
+            starts = True
+        word += starts
+        index.append(word)
+    return index
+
+
+def hard_links(rows, n_target, shifted):
+    """Subword links {(source position, target position)} from cross-attention ``rows`` [T, S'] of one sentence.
+
+    ``rows`` holds only the real source subwords as columns (EOS and padding already removed) and one row per
+    decoder step; ``n_target`` real target subwords (EOS excluded)."""
+    links = set()
+    if rows.size(-1) == 0:
+        return links
+    for i in range(n_target):
+        row = rows[i + 1] if shifted else rows[i]
+        best = int(row.argmax())
+        if row[best] > 0:  # a row without weight on any source word aligns nothing
+            links.add((best, i))
+    return links
+
+
+def to_words(links, src_words, tgt_words, swap=False):
+    pairs = {(src_words[s], tgt_words[t]) for s, t in links}
+    return {(t, s) for s, t in pairs} if swap else pairs
+
+
+class AlignmentCollector:
+    """Word links per setting (layer, head or 'avg', 'normal' | 'shifted') and sentence id."""
+
+    def __init__(self, src_dict, tgt_dict, segmentation="auto", swap=False):
+        self.src_dict, self.tgt_dict = src_dict, tgt_dict
+        self.segmentation, self.swap = segmentation, swap
+        self.links = defaultdict(dict)  # setting -> {sentence id: set of word links}
+        self.words = {}  # sentence id -> (source words, target words)
+
+    def add(self, batch):
+        pad, eos = batch.pad, batch.eos
+        cross = {layer: w for (kind, layer), w in batch.attention.items() if kind == "cross"}
+        for b, sid in enumerate(batch.ids.tolist()):
+            src = batch.src_tokens[b]
+            src_positions = (src.ne(pad) & src.ne(eos)).nonzero().squeeze(-1)
+            tgt = batch.target[b]
+            n_target = int((tgt.ne(pad) & tgt.ne(eos)).sum())
+            src_tokens = [self.src_dict[int(t)] for t in src[src_positions]]
+            tgt_tokens = [self.tgt_dict[int(t)] for t in tgt[:n_target]]
+            segmentation = self.segmentation
+            if segmentation == "auto":
+                segmentation = detect_segmentation([src_tokens, tgt_tokens])
+            src_words, tgt_words = word_index(src_tokens, segmentation), word_index(tgt_tokens, segmentation)
+            self.words[sid] = (src_tokens, tgt_tokens, src_words, tgt_words)
+            for layer, weights in cross.items():
+                rows = weights[b][:, :, src_positions]  # [H, T, S'] real source subwords only
+                heads = {h: rows[h] for h in range(rows.size(0))}
+                heads["avg"] = rows.mean(0)
+                for head, head_rows in heads.items():
+                    for mode in ("normal", "shifted"):
+                        links = hard_links(head_rows, n_target, mode == "shifted")
+                        self.links[(layer, head, mode)][sid] = to_words(links, src_words, tgt_words, self.swap)
+
+    def settings(self):
+        return sorted(self.links, key=lambda s: (s[0], s[2], -1 if s[1] == "avg" else s[1]))
+
+    def sentence_ids(self):
+        return sorted(self.words)
+
+    def hypothesis(self, setting):
+        """Links of every sentence, in sentence-id order."""
+        by_id = self.links[setting]
+        return [by_id[sid] for sid in self.sentence_ids()]
+
+
+def format_links(links):
+    """0-based ``i-j`` pairs, sorted: the usual hypothesis format."""
+    return " ".join(f"{i}-{j}" for i, j in sorted(links))
+

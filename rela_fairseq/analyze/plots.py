@@ -1,0 +1,130 @@
+"""Figures: attention heat maps, sparsity and null rate per layer and head, AER-by-layer curves.
+
+Every function writes PNG, and PDF too when ``pdf=True``; it returns the paths written.
+"""
+
+import math
+import os
+
+from ..errors import require
+from .metrics import ATTENTION_TYPES, TYPE_LABELS
+
+
+def _pyplot():
+    matplotlib = require("matplotlib", "rela-analyze plot", install="pip install matplotlib  "
+                                                                  "(or: pip install 'rela-fairseq[analysis]')")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path, pdf):
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    base = path[:-4] if path.endswith(".png") else path
+    written = [base + ".png"]
+    fig.savefig(written[0], dpi=150, bbox_inches="tight")
+    if pdf:
+        written.append(base + ".pdf")
+        fig.savefig(written[1], bbox_inches="tight")
+    _pyplot().close(fig)
+    return written
+
+
+def heatmap(weights, src_tokens, tgt_tokens, path, title="", pdf=False):
+    """One panel per head: rows are target tokens (decoder steps), columns source tokens. Exact zeros are white;
+    a null row (all zero: the head is switched off for that query) is marked with a red ∅ on its label."""
+    plt = _pyplot()
+    import numpy as np
+
+    weights = weights.float().numpy()
+    heads = weights.shape[0]
+    cols = min(heads, 4)
+    rows = math.ceil(heads / cols)
+    width = max(3.0, 0.28 * len(src_tokens) + 1.5)
+    height = max(2.5, 0.28 * len(tgt_tokens) + 1.2)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * width, rows * height), squeeze=False)
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("white")
+    for h in range(rows * cols):
+        ax = axes[h // cols][h % cols]
+        if h >= heads:
+            ax.axis("off")
+            continue
+        w = weights[h]
+        masked = np.ma.masked_where(w == 0, w)
+        image = ax.imshow(masked, cmap=cmap, aspect="auto", interpolation="nearest",
+                          vmin=0, vmax=max(float(w.max()), 1e-9))
+        null = ~(w != 0).any(axis=1)
+        ax.set_xticks(range(len(src_tokens)))
+        ax.set_xticklabels(src_tokens, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(tgt_tokens)))
+        ax.set_yticklabels([("∅ " if null[i] else "") + t for i, t in enumerate(tgt_tokens)], fontsize=7)
+        for label, is_null in zip(ax.get_yticklabels(), null):
+            if is_null:
+                label.set_color("red")
+        ax.set_title(f"head {h}" + (f"  ({int(null.sum())} null rows)" if null.any() else ""), fontsize=8)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path, pdf)
+
+
+def layer_head_stats(summaries, path, metric="sparsity", pdf=False):
+    """A layer × head grid of ``metric`` (sparsity | null_rate) per attention type, one row of panels per model.
+
+    ``summaries``: {label: AttentionStats.summary()}."""
+    plt = _pyplot()
+    import numpy as np
+
+    labels = list(summaries)
+    kinds = [k for k in ATTENTION_TYPES if any(k in s["types"] for s in summaries.values())]
+    fig, axes = plt.subplots(len(labels), len(kinds), figsize=(4.2 * len(kinds), 3.0 * len(labels)), squeeze=False)
+    for r, label in enumerate(labels):
+        for c, kind in enumerate(kinds):
+            ax = axes[r][c]
+            layers = summaries[label]["types"].get(kind, {}).get("layers", [])
+            if not layers:
+                ax.axis("off")
+                continue
+            grid = np.array([[h[metric] if h[metric] is not None else np.nan for h in layer["heads"]]
+                             for layer in layers]) * 100
+            image = ax.imshow(grid, cmap="magma", vmin=0, vmax=100, aspect="auto")
+            for (i, j), value in np.ndenumerate(grid):
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if value < 60 else "black")
+            ax.set_xticks(range(grid.shape[1]))
+            ax.set_yticks(range(grid.shape[0]))
+            ax.set_yticklabels([str(layer["layer"] + 1) for layer in layers])
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+            ax.set_title(f"{label}: {TYPE_LABELS[kind]}", fontsize=9)
+            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label=f"{metric.replace('_', ' ')} (%)")
+    fig.tight_layout()
+    return _save(fig, path, pdf)
+
+
+def aer_curves(results, path, pdf=False):
+    """AER by layer, best head (solid) and head average (dashed), normal and shifted side by side, one colour per
+    model. ``results``: {label: align summary (``rows``: [{layer, best_head_normal, avg_normal, ...}])}."""
+    plt = _pyplot()
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, mode in zip(axes, ("normal", "shifted")):
+        for i, (label, summary) in enumerate(results.items()):
+            layers = [row["layer"] + 1 for row in summary["rows"]]
+            color = f"C{i}"
+            ax.plot(layers, [row[f"best_head_{mode}"]["aer"] for row in summary["rows"]], "-o", color=color,
+                    label=f"{label}, best head")
+            ax.plot(layers, [row[f"avg_{mode}"]["aer"] for row in summary["rows"]], "--s", color=color,
+                    label=f"{label}, head average")
+        layers = sorted({row["layer"] + 1 for summary in results.values() for row in summary["rows"]})
+        ax.set_xticks(layers)
+        ax.set_title(f"{mode} attention" + (" (Chen et al. 2020)" if mode == "shifted" else ""))
+        ax.set_xlabel("decoder layer")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("AER (lower is better)")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _save(fig, path, pdf)

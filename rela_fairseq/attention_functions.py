@@ -1,0 +1,216 @@
+"""The attention functions behind one small interface.
+
+An ``AttentionFunction`` turns attention scores ``[B, H, T, S]`` (masked keys hold -inf, as fairseq hands them over)
+into weights, and may post-process the concatenated head outputs ``[T, B, d]`` before the output projection (only
+ReLA does: its norm and gate). Every model code path treats the five alike:
+
+=============  =====================================================  ================  ===============
+name           weights                                                rows sum to one   parameters
+=============  =====================================================  ================  ===============
+softmax        softmax(s)                                             yes               none
+sparsemax      sparsemax(s) (Martins & Astudillo 2016)                yes               none
+entmax15       1.5-entmax(s) (Peters et al. 2019)                     yes               none
+entmax_alpha   α-entmax(s), α learned per head (Correia et al. 2019)  yes               pre_alpha [H]
+rela           ReLU(s), then norm (+ gate) on the head outputs        no                norm, gate [d]
+=============  =====================================================  ================  ===============
+
+Each module records its settings in the checkpoint (``get_extra_state``); loading weights trained with other settings
+fails with a message naming both, unless ``allow_change`` is set and the parameters still fit.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import AttentionSettingsError, RelaConfigError, require
+from .rela import RelaNorm, at_least_fp32, rectify
+
+STOCK_SETTINGS = {"attn_fn": "softmax", "params": []}  # what a stock fairseq checkpoint (no record) holds
+
+
+class AttentionFunction(nn.Module):
+    name = None
+    sums_to_one = True
+
+    def __init__(self):
+        super().__init__()
+        self.allow_change = False  # set by the model builder from --allow-attn-fn-change
+
+    def forward(self, scores):
+        """scores [B, H, T, S] -> weights [B, H, T, S] (fp32 or the scores' dtype)."""
+        raise NotImplementedError
+
+    def combine(self, heads):
+        """Post-process the concatenated head outputs [T, B, d]; identity except for ReLA."""
+        return heads
+
+    def settings(self):
+        """What must match between a checkpoint and the model it is loaded into (primitive values only)."""
+        return {"attn_fn": self.name, "params": sorted(name for name, _ in self.named_parameters())}
+
+    def describe(self):
+        return self.name
+
+    def get_extra_state(self):
+        return self.settings()
+
+    def set_extra_state(self, state):
+        pass  # compared in _load_from_state_dict, where the module's name is known
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "_extra_state"
+        recorded = state_dict.get(key)
+        if recorded is None:
+            # No record: a stock fairseq transformer (or a checkpoint saved before this module existed).
+            recorded = dict(STOCK_SETTINGS, params=_param_names_under(state_dict, prefix))
+            state_dict[key] = recorded
+        self._check_settings(recorded, prefix.rstrip("."))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _check_settings(self, recorded, where):
+        mine = self.settings()
+        if recorded == mine:
+            return
+        params_differ = sorted(recorded.get("params", [])) != mine["params"]
+        if self.allow_change and not params_differ:
+            return
+        theirs = _describe_settings(recorded)
+        msg = (
+            f"the checkpoint's attention settings differ from this model's at {where or 'the attention'}: "
+            f"checkpoint {theirs}, model {self.describe()}. "
+        )
+        if params_differ:
+            msg += (
+                "Their parameters differ too, so the weights cannot be reused: build the model with the checkpoint's "
+                "options (--attn-fn, --encoder/--decoder/--cross-attn-fn, --rela-*)."
+            )
+        else:
+            msg += (
+                "Build the model with the checkpoint's options (--attn-fn, --encoder/--decoder/--cross-attn-fn, "
+                "--rela-*), or pass --allow-attn-fn-change (generation: --model-overrides "
+                "\"{'allow_attn_fn_change': True, ...}\") to run these weights with this model's attention function."
+            )
+        raise AttentionSettingsError(msg)
+
+
+def _param_names_under(state_dict, prefix):
+    return sorted(k[len(prefix):] for k in state_dict if k.startswith(prefix) and not k.endswith("_extra_state"))
+
+
+def _describe_settings(settings):
+    name = settings.get("attn_fn", "?")
+    if name == "rela":
+        gate = "gated" if settings.get("gate") else "no gate"
+        return (f"rela ({settings.get('activation')}, norm={settings.get('norm')}, "
+                f"scope={settings.get('norm_scope')}, {gate})")
+    return name if settings != STOCK_SETTINGS else "softmax (stock fairseq, no recorded settings)"
+
+
+class Softmax(AttentionFunction):
+    name = "softmax"
+
+    def forward(self, scores):
+        return F.softmax(at_least_fp32(scores), dim=-1)  # fp32 at least, as fairseq.utils.softmax
+
+
+class Sparsemax(AttentionFunction):
+    name = "sparsemax"
+
+    def __init__(self):
+        super().__init__()
+        self._sparsemax = require("entmax", "--attn-fn sparsemax").sparsemax
+
+    def forward(self, scores):
+        return self._sparsemax(at_least_fp32(scores), dim=-1)
+
+
+class Entmax15(AttentionFunction):
+    name = "entmax15"
+
+    def __init__(self):
+        super().__init__()
+        self._entmax15 = require("entmax", "--attn-fn entmax15").entmax15
+
+    def forward(self, scores):
+        return self._entmax15(at_least_fp32(scores), dim=-1)
+
+
+class EntmaxAlpha(AttentionFunction):
+    """α-entmax with α = 1 + sigmoid(pre_alpha) ∈ (1, 2) learned per head (Correia et al. 2019).
+
+    ``pre_alpha`` starts at logit(alpha_init - 1): 0 for the default 1.5, so an untrained model equals 1.5-entmax. α is
+    clamped at 1.01 from below: the α-gradient of entmax divides by (α - 1).
+    """
+
+    name = "entmax_alpha"
+    MIN_ALPHA = 1.01
+
+    def __init__(self, num_heads, alpha_init=1.5, n_iter=25):
+        super().__init__()
+        if not 1.0 < alpha_init < 2.0:
+            raise RelaConfigError(f"--entmax-alpha-init must lie in (1, 2), got {alpha_init}")
+        self._entmax_bisect = require("entmax", "--attn-fn entmax_alpha").entmax_bisect
+        self.n_iter = n_iter
+        self.pre_alpha = nn.Parameter(torch.full((num_heads,), math.log((alpha_init - 1) / (2 - alpha_init))))
+
+    def alpha(self):
+        return (1.0 + torch.sigmoid(self.pre_alpha)).clamp(min=self.MIN_ALPHA)
+
+    def forward(self, scores):
+        scores = at_least_fp32(scores)
+        alpha = self.alpha().to(scores.dtype).view(1, -1, 1, 1)
+        return self._entmax_bisect(scores, alpha, dim=-1, n_iter=self.n_iter)
+
+
+class Rela(AttentionFunction):
+    """ReLU weights; the norm (and the ReLA-g gate) on the concatenated head outputs (``rela.py``)."""
+
+    name = "rela"
+    sums_to_one = False
+
+    def __init__(self, embed_dim, num_heads, activation="relu", norm="rms", norm_scope="all", gate=True,
+                 gain_init="ones"):
+        super().__init__()
+        if activation not in ("relu", "relu2"):
+            raise RelaConfigError(f"unknown --rela-activation {activation!r}; choose one of relu, relu2")
+        self.activation = activation
+        self.norm = RelaNorm(embed_dim, num_heads, norm=norm, scope=norm_scope, gate=gate, gain_init=gain_init)
+
+    def forward(self, scores):
+        return rectify(scores, self.activation)
+
+    def combine(self, heads):
+        return self.norm(heads)
+
+    def settings(self):
+        return dict(super().settings(), activation=self.activation, norm=self.norm.norm, norm_scope=self.norm.scope,
+                    gate=self.norm.gate_weight is not None)
+
+    def describe(self):
+        return _describe_settings(self.settings())
+
+
+ATTENTION_FUNCTIONS = {cls.name: cls for cls in (Softmax, Sparsemax, Entmax15, EntmaxAlpha, Rela)}
+ATTN_FN_CHOICES = tuple(ATTENTION_FUNCTIONS)
+RELA_VARIANTS = ("gated", "init")  # ReLA-g, ReLA-i
+
+
+def build_attention_function(name, embed_dim, num_heads, rela_variant="gated", rela_norm="rms", rela_norm_scope="all",
+                             rela_gain_init=None, rela_activation="relu", entmax_alpha_init=1.5, entmax_bisect_iters=25):
+    """Build one attention function from the command-line settings (see ``models.add_rela_args``)."""
+    if name not in ATTENTION_FUNCTIONS:
+        raise RelaConfigError(f"unknown attention function {name!r}; choose one of {', '.join(ATTN_FN_CHOICES)}")
+    if name == "rela":
+        if rela_variant not in RELA_VARIANTS:
+            raise RelaConfigError(f"unknown --rela-variant {rela_variant!r}; choose one of {', '.join(RELA_VARIANTS)}")
+        gated = rela_variant == "gated"
+        gain_init = rela_gain_init or ("ones" if gated else "xavier")
+        return Rela(embed_dim, num_heads, activation=rela_activation, norm=rela_norm, norm_scope=rela_norm_scope,
+                    gate=gated, gain_init=gain_init)
+    if name == "entmax_alpha":
+        return EntmaxAlpha(num_heads, alpha_init=entmax_alpha_init, n_iter=entmax_bisect_iters)
+    return ATTENTION_FUNCTIONS[name]()

@@ -1,0 +1,68 @@
+"""Session fixtures: the toy task, written and binarised once through the real command-line tools."""
+
+import os
+import re
+
+import pytest
+
+from helpers import TINY_TRAIN_ARGS, run_cli
+from rela_fairseq.systems import SYSTEMS
+
+# small enough to train a few dozen updates in seconds, large enough for several batches
+TINY_SIZES = {"train": 500, "valid": 48, "test": 37}  # 37: not a multiple of fairseq's batch multiple of 8
+
+
+@pytest.fixture(scope="session")
+def toy_raw(tmp_path_factory):
+    from rela_fairseq.toy import write_task
+
+    out = tmp_path_factory.mktemp("toy_raw")
+    write_task(str(out), TINY_SIZES)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_bin(toy_raw, tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy_bin")
+    run_cli("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt",
+            "--trainpref", toy_raw / "train", "--validpref", toy_raw / "valid", "--testpref", toy_raw / "test",
+            "--destdir", out, "--workers", "1")
+    assert (out / "dict.src.txt").exists()
+    return out
+
+
+def train(data, save_dir, max_update, *extra, check=True):
+    return run_cli("fairseq-train", data, *TINY_TRAIN_ARGS, "--save-dir", save_dir, "--max-update", max_update,
+                   "--save-interval-updates", 10, *extra, check=check)
+
+
+def last_num_updates(log):
+    return max(int(n) for n in re.findall(r"num_updates[= ](\d+)", log))
+
+
+@pytest.fixture(scope="session")
+def trained(toy_bin, tmp_path_factory):
+    """{system: checkpoint dir}, each trained 20 updates and then resumed to 30 (trained on first use)."""
+    cache = {}
+
+    def get(system):
+        if system not in cache:
+            save_dir = tmp_path_factory.mktemp(f"ckpt_{system}")
+            first = train(toy_bin, save_dir, 20, *SYSTEMS[system])
+            assert last_num_updates(first.stdout + first.stderr) == 20
+            resumed = train(toy_bin, save_dir, 30, *SYSTEMS[system])
+            log = resumed.stdout + resumed.stderr
+            assert re.search(r"[Ll]oaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 20 updates\)", log), log[-3000:]
+            assert last_num_updates(log) == 30
+            cache[system] = save_dir
+        return cache[system]
+
+    return get
+
+
+def pytest_report_header(config):
+    import fairseq
+    import torch
+
+    return f"fairseq {fairseq.__version__}, torch {torch.__version__}, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=" \
+           f"{os.environ.get('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '(unset)')}"

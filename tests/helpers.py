@@ -1,0 +1,92 @@
+"""Shared test helpers: tiny models without data files, and the real command-line tools."""
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_DIR = os.path.join(REPO, "rela_fairseq")
+BIN_DIR = os.path.dirname(sys.executable)
+
+import rela_fairseq  # noqa: E402,F401  registers the model
+from fairseq.data import Dictionary  # noqa: E402
+from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY  # noqa: E402
+
+ATTN_FNS = ("softmax", "sparsemax", "entmax15", "entmax_alpha", "rela")
+
+
+class FakeTask:
+    """What build_model needs from a task: two dictionaries."""
+
+    def __init__(self, vocab_size=20):
+        self.src_dict = self.tgt_dict = Dictionary()
+        for i in range(vocab_size):
+            self.src_dict.add_symbol(f"w{i}")
+
+    @property
+    def source_dictionary(self):
+        return self.src_dict
+
+    @property
+    def target_dictionary(self):
+        return self.tgt_dict
+
+
+def build_model(arch="transformer_rela_tiny", task=None, seed=0, no_dropout=True, **options):
+    """A model of ``arch`` with ``options`` (argparse names with underscores), as fairseq-train would build it."""
+    torch.manual_seed(seed)
+    if no_dropout:
+        options = dict(dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0), **options)
+    args = argparse.Namespace(**options)
+    ARCH_CONFIG_REGISTRY[arch](args)
+    model = ARCH_MODEL_REGISTRY[arch].build_model(args, task or FakeTask())
+    return model.eval()
+
+
+def left_padded_batch(dictionary, lengths, seed=0):
+    """src_tokens [B, max(lengths)] left-padded, ending in EOS, as fairseq's translation task batches them."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    tokens = torch.full((len(lengths), width), dictionary.pad(), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        words = torch.randint(dictionary.nspecial, len(dictionary), (n - 1,), generator=gen)
+        tokens[row, width - n:] = torch.cat([words, torch.tensor([dictionary.eos()])])
+    return tokens, torch.tensor(lengths)
+
+
+def run_cli(tool, *args, input=None, check=True, cwd=None, env=None, timeout=900):
+    """Run one of the installed console scripts (fairseq-train, rela-analyze, ...) as a user would."""
+    exe = os.path.join(BIN_DIR, tool)
+    cmd = [exe if os.path.exists(exe) else tool, *map(str, args)]
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    proc = subprocess.run(cmd, input=input, capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited with {proc.returncode}\n--- stderr (end) ---\n{proc.stderr[-4000:]}"
+                    f"\n--- stdout (end) ---\n{proc.stdout[-2000:]}")
+    return proc
+
+
+TINY_TRAIN_ARGS = [
+    "--user-dir", USER_DIR, "--arch", "transformer_rela_tiny", "--task", "translation",
+    "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "0.005",
+    "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "10",
+    "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+    "--max-tokens", "1000", "--cpu", "--num-workers", "0", "--seed", "1",
+    "--no-progress-bar", "--log-format", "simple", "--log-interval", "5",
+]
+
+
+def parse_generate_output(stdout):
+    """{sentence id: {"H": hypothesis, "A": alignment, "S": source, ...}} from fairseq-generate's output."""
+    out = {}
+    for line in stdout.splitlines():
+        if len(line) > 2 and line[1] == "-" and line[0] in "SHTDPA":
+            head, _, rest = line.partition("\t")
+            kind, sid = head.split("-", 1)
+            fields = rest.split("\t")
+            out.setdefault(int(sid), {})[kind] = fields[-1]
+    return out

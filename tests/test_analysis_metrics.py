@@ -1,0 +1,163 @@
+"""Attention metrics and alignment extraction on hand-built tensors with known answers."""
+
+import math
+
+import pytest
+import torch
+
+from rela_fairseq.analyze.align import (AlignmentCollector, detect_segmentation, hard_links, to_words,
+                                        word_index)
+from rela_fairseq.analyze.forced import ForcedBatch, attention_type
+from rela_fairseq.analyze.metrics import AttentionStats, js_per_query, valid_pairs
+
+
+def summary_for(weights, pairs, kind="cross"):
+    stats = AttentionStats()
+    stats.add(kind, 0, weights, pairs)
+    return stats.summary()["types"][kind]
+
+
+def test_sparsity_and_null_rate_count_valid_pairs_only():
+    # one sentence, 2 heads, 3 queries (the last is padding), 4 keys (the last is padding)
+    w = torch.tensor([[[0.5, 0.0, 0.5, 9.0],
+                       [0.0, 0.0, 0.0, 9.0],   # null row of head 0 (the padded key does not count)
+                       [9.0, 9.0, 9.0, 9.0]],  # padded query: ignored
+                      [[1.0, 1.0, 0.0, 0.0],
+                       [0.2, 0.3, 0.5, 0.0],
+                       [0.0, 0.0, 0.0, 0.0]]])[None]
+    pairs = valid_pairs(torch.tensor([[True, True, False]]), torch.tensor([[True, True, True, False]]))
+    s = summary_for(w, pairs)
+    layer = s["layers"][0]
+    # head 0: 6 valid pairs, zeros at (0,1), (1,0..2) -> 4; head 1: zeros at (0,2) -> 1
+    assert layer["heads"][0]["sparsity"] == pytest.approx(4 / 6)
+    assert layer["heads"][1]["sparsity"] == pytest.approx(1 / 6)
+    assert layer["sparsity"] == pytest.approx(5 / 12)
+    assert layer["heads"][0]["null_rate"] == pytest.approx(1 / 2)
+    assert layer["heads"][1]["null_rate"] == 0
+    assert s["overall"]["valid_pairs"] == 12
+
+
+def test_causal_mask_excludes_future_keys():
+    pairs = valid_pairs(torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3, dtype=torch.bool), causal=True)
+    assert pairs[0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    w = torch.tril(torch.ones(3, 3))[None, None]  # a softmax-like map: zero only in the masked future
+    s = summary_for(w, pairs, "decoder")
+    assert s["overall"]["sparsity"] == 0 and s["overall"]["null_rate"] == 0
+
+
+def test_softmax_rows_give_sparsity_zero_and_null_rate_zero():
+    torch.manual_seed(0)
+    w = torch.softmax(torch.randn(2, 4, 5, 6), -1)
+    pairs = valid_pairs(torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 6, dtype=torch.bool))
+    s = summary_for(w, pairs)
+    assert s["overall"]["sparsity"] == 0 and s["overall"]["null_rate"] == 0
+    assert 0 < s["overall"]["js"] < math.log(4)
+
+
+def test_a_head_that_is_null_everywhere():
+    w = torch.rand(1, 3, 4, 5) + 0.1
+    w[:, 2] = 0
+    pairs = valid_pairs(torch.ones(1, 4, dtype=torch.bool), torch.ones(1, 5, dtype=torch.bool))
+    layer = summary_for(w, pairs)["layers"][0]
+    assert [h["null_rate"] for h in layer["heads"]] == [0, 0, 1]
+    assert [h["sparsity"] for h in layer["heads"]] == [0, 0, 1]
+    # JS over the two live heads only equals JS computed without the null head
+    expected, _ = js_per_query(w[:, :2], pairs)
+    assert layer["js"] == pytest.approx(float(expected.mean()))
+
+
+def test_js_known_values():
+    pairs = torch.ones(1, 1, 2, dtype=torch.bool)
+    identical = torch.tensor([[[[0.3, 0.7]], [[0.3, 0.7]]]])
+    disjoint = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])
+    assert float(js_per_query(identical, pairs)[0]) == pytest.approx(0.0, abs=1e-12)
+    assert float(js_per_query(disjoint, pairs)[0]) == pytest.approx(math.log(2))
+    # ReLA rows are renormalised: scaling a head does not change JS
+    scaled = torch.tensor([[[[3.0, 0.0]], [[0.0, 0.5]]]])
+    assert float(js_per_query(scaled, pairs)[0]) == pytest.approx(math.log(2))
+
+
+def test_js_skips_queries_with_fewer_than_two_live_heads_and_reports_the_uniform_variant():
+    pairs = torch.ones(1, 2, 2, dtype=torch.bool)
+    w = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]],    # head 0: query 1 null
+                       [[0.0, 1.0], [0.0, 0.0]]]])  # head 1: query 1 null
+    js, used = js_per_query(w, pairs)
+    assert used == 1 and float(js[0]) == pytest.approx(math.log(2))
+    js_u, used_u = js_per_query(w, pairs, keep_null_as_uniform=True)
+    assert used_u == 2 and float(js_u[1]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_padding_queries_and_keys_never_count_in_js():
+    w = torch.rand(1, 2, 3, 4)
+    pairs = valid_pairs(torch.tensor([[True, True, False]]), torch.tensor([[True, True, True, False]]))
+    js, used = js_per_query(w, pairs)
+    assert used == 2
+    w2 = w.clone()
+    w2[..., 3] = 100.0  # padded key
+    w2[:, :, 2] = 5.0  # padded query
+    torch.testing.assert_close(js_per_query(w2, pairs)[0], js)
+
+
+def test_attention_type_from_module_names():
+    assert attention_type("encoder.layers.3.self_attn") == ("encoder", 3)
+    assert attention_type("decoder.layers.0.self_attn") == ("decoder", 0)
+    assert attention_type("decoder.layers.5.encoder_attn") == ("cross", 5)
+    assert attention_type("decoder.output_projection") is None
+
+
+# --------------------------------------------------------------------------- alignment extraction
+
+def test_normal_and_shifted_rows_and_null_rows():
+    # 3 target subwords (+ EOS row), 3 source subwords (EOS already removed)
+    rows = torch.tensor([[0.1, 0.9, 0.0],   # predicts y0 (decoder input EOS)
+                         [0.0, 0.0, 0.0],   # predicts y1: null row -> no normal link for y1
+                         [0.8, 0.1, 0.1],   # predicts y2
+                         [0.0, 0.2, 0.7]])  # predicts EOS (decoder input y2)
+    assert hard_links(rows, 3, shifted=False) == {(1, 0), (0, 2)}
+    # shifted: y_i uses the row where it is the decoder input: y0 -> row 1 (null), y1 -> row 2, y2 -> row 3
+    assert hard_links(rows, 3, shifted=True) == {(0, 1), (2, 2)}
+
+
+def test_argmax_on_a_null_row_would_link_position_zero():
+    rows = torch.zeros(2, 4)
+    assert int(rows[0].argmax()) == 0  # what fairseq's --print-alignment does
+    assert hard_links(rows, 1, shifted=False) == set()
+
+
+def test_subword_to_word_mapping_for_both_segmentations():
+    spm = ["\u2581the", "\u2581fa", "rm", "ers", "\u2581see"]
+    bpe = ["the", "fa@@", "rm@@", "ers", "see"]
+    assert word_index(spm, "spm") == [0, 1, 1, 1, 2]
+    assert word_index(bpe, "bpe") == [0, 1, 1, 1, 2]
+    assert word_index(["a", "b"], "none") == [0, 1]
+    assert detect_segmentation([spm]) == "spm" and detect_segmentation([bpe]) == "bpe"
+    assert detect_segmentation([["a", "b"]]) == "none"
+    # a word pair is aligned if any of their subwords are
+    links = {(1, 0), (2, 0), (3, 1), (4, 2), (0, 2)}
+    assert to_words(links, word_index(spm, "spm"), [0, 0, 1]) == {(1, 0), (2, 1), (0, 1)}
+    assert to_words(links, word_index(spm, "spm"), [0, 0, 1], swap=True) == {(0, 1), (1, 2), (1, 0)}
+
+
+class _Dict:
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def __getitem__(self, i):
+        return self.tokens[i]
+
+
+def test_collector_excludes_eos_and_padding_and_keeps_sentence_ids():
+    # dictionary: 0 <s>, 1 <pad>, 2 </s>, 3.. words
+    d = _Dict(["<s>", "<pad>", "</s>", "\u2581a", "\u2581b", "c", "\u2581x", "\u2581y"])
+    src = torch.tensor([[1, 3, 4, 5, 2]])  # left-padded: <pad> ▁a ▁b c </s>  -> words a, bc
+    prev = torch.tensor([[2, 6, 7]])  # </s> ▁x ▁y
+    tgt = torch.tensor([[6, 7, 2]])  # ▁x ▁y </s>
+    attn = torch.zeros(1, 1, 3, 5)
+    attn[0, 0, 0] = torch.tensor([0.0, 0.1, 0.2, 0.3, 5.0])  # EOS has the most weight: excluded -> c
+    attn[0, 0, 1] = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0])  # attends to EOS only: no link
+    batch = ForcedBatch(torch.tensor([7]), src, prev, tgt, {("cross", 0): attn}, pad=1, eos=2)
+    collector = AlignmentCollector(d, d)
+    collector.add(batch)
+    assert collector.links[(0, 0, "normal")][7] == {(1, 0)}  # c is in word 1 ("bc")
+    assert collector.links[(0, "avg", "normal")][7] == {(1, 0)}
+    assert collector.words[7][2] == [0, 1, 1] and collector.words[7][3] == [0, 1]

@@ -1,0 +1,257 @@
+"""The attention math against plain references: ReLA weights, masks, null rows, the norm, gradients, precision."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import ATTN_FNS
+from rela_fairseq.attention import RelaMultiheadAttention
+from rela_fairseq.attention_functions import EntmaxAlpha, build_attention_function
+from rela_fairseq.rela import EPS, rela_attention
+
+EMBED, HEADS = 16, 4
+
+
+def make_attention(fn="rela", embed_dim=EMBED, heads=HEADS, seed=0, dtype=torch.float32, kv_dim=None,
+                   entmax_bisect_iters=25, **fn_options):
+    torch.manual_seed(seed)
+    attn_fn = build_attention_function(fn, embed_dim, heads, entmax_bisect_iters=entmax_bisect_iters, **fn_options)
+    if kv_dim is None:
+        module = RelaMultiheadAttention(embed_dim, heads, attn_fn=attn_fn, self_attention=True)
+    else:
+        module = RelaMultiheadAttention(embed_dim, heads, attn_fn=attn_fn, kdim=kv_dim, vdim=kv_dim,
+                                        encoder_decoder_attention=True)
+    with torch.no_grad():  # make the extra parameters non-trivial
+        for name, p in module.attn_fn.named_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return module.to(dtype).eval()
+
+
+def padding_mask(lengths, width):
+    return torch.arange(width)[None, :] >= torch.tensor(lengths)[:, None]  # right padding, True = pad
+
+
+def self_attend(module, x, mask=None, **kw):
+    return module(x, x, x, key_padding_mask=mask, **kw)
+
+
+def hand_scores(module, query, memory):
+    """(Q_h / sqrt(d_h)) K_hᵀ from the module's own projections, [B, H, T, S]."""
+    T, B, _ = query.shape
+    d_h = module.head_dim
+
+    def split(x):
+        return x.view(x.size(0), B, module.num_heads, d_h).permute(1, 2, 0, 3)
+
+    q = split(module.q_proj(query)) / math.sqrt(d_h)
+    k = split(module.k_proj(memory))
+    return q @ k.transpose(-1, -2)
+
+
+def test_rela_weights_are_relu_of_scaled_scores_with_masked_entries_exactly_zero():
+    module = make_attention("rela")
+    x = torch.randn(7, 3, EMBED)
+    mask = padding_mask([7, 5, 2], 7)
+    _, weights = self_attend(module, x, mask, need_head_weights=True)  # [H, B, T, S]
+    expected = F.relu(hand_scores(module, x, x)).masked_fill(mask[:, None, None, :], 0.0).transpose(0, 1)
+    torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6)
+    assert (weights.transpose(0, 1)[mask[:, None, None, :].expand(-1, HEADS, 7, -1)] == 0).all()
+    row_sums = weights.sum(-1)
+    assert not torch.allclose(row_sums, torch.ones_like(row_sums)), "ReLA rows must not be normalised"
+    assert (weights == 0).any() and (weights > 0).any()
+
+
+def test_causal_mask_gives_exact_zeros_and_matches_plain_reference():
+    module = make_attention("rela")
+    x = torch.randn(5, 2, EMBED)
+    causal = torch.triu(torch.full((5, 5), float("-inf")), 1)  # fairseq's decoder mask
+    out, weights = self_attend(module, x, attn_mask=causal, need_head_weights=True)
+    assert (weights[..., torch.ones(5, 5, dtype=torch.bool).triu(1)] == 0).all()
+    ref_out, ref_weights = rela_attention(x.transpose(0, 1), x.transpose(0, 1), module.q_proj, module.k_proj,
+                                          module.v_proj, module.out_proj, HEADS, module.attn_fn.norm, causal=True)
+    torch.testing.assert_close(weights.transpose(0, 1), ref_weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.transpose(0, 1), ref_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gated", "init"])
+@pytest.mark.parametrize("norm,scope", [("rms", "all"), ("rms", "head"), ("layer", "all"), ("none", "all")])
+def test_output_matches_plain_reference(variant, norm, scope):
+    module = make_attention("rela", kv_dim=12, rela_variant=variant, rela_norm=norm, rela_norm_scope=scope)
+    query, memory = torch.randn(4, 3, EMBED), torch.randn(6, 3, 12)
+    mask = padding_mask([6, 3, 1], 6)
+    out, _ = module(query, memory, memory, key_padding_mask=mask, static_kv=True)
+    ref, _ = rela_attention(query.transpose(0, 1), memory.transpose(0, 1), module.q_proj, module.k_proj,
+                            module.v_proj, module.out_proj, HEADS, module.attn_fn.norm, key_padding_mask=mask)
+    torch.testing.assert_close(out.transpose(0, 1), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_is_the_spec_formula_over_the_full_width():
+    norm = build_attention_function("rela", EMBED, HEADS, rela_variant="init").norm
+    z = torch.randn(3, 2, EMBED)
+    expected = norm.weight * z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + 1e-8)
+    torch.testing.assert_close(norm(z), expected)
+    assert EPS == 1e-8
+
+
+def test_gate_is_elementwise_sigmoid_of_the_unnormalised_heads():
+    norm = build_attention_function("rela", EMBED, HEADS, rela_variant="gated").norm
+    assert norm.gate_weight.shape == (EMBED,) and torch.equal(norm.weight, torch.ones(EMBED))
+    bound = math.sqrt(3 / EMBED)
+    assert norm.gate_weight.abs().max() <= bound and norm.gate_weight.abs().max() > 0
+    z = torch.randn(3, 2, EMBED)
+    rms = z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + 1e-8)
+    torch.testing.assert_close(norm(z), rms * torch.sigmoid(norm.gate_weight * z))
+
+
+def test_rela_i_gain_is_small_uniform_and_no_gate():
+    fn = build_attention_function("rela", 512, 8, rela_variant="init")
+    assert fn.norm.gate_weight is None
+    bound = math.sqrt(3 / 512)
+    assert fn.norm.weight.abs().max() <= bound and fn.norm.weight.std() > bound / 4
+    gated = build_attention_function("rela", 512, 8, rela_variant="gated")
+    assert sum(p.numel() for p in gated.parameters()) == 2 * 512  # +2d per attention module
+
+
+def null_row_module(fn="rela", dtype=torch.float32, **kw):
+    """A module whose first query has all-zero scores: q_proj maps that query to 0."""
+    module = make_attention(fn, dtype=dtype, **kw)
+    with torch.no_grad():
+        module.q_proj.bias.zero_()
+    x = torch.randn(5, 2, EMBED, dtype=dtype)
+    x[0] = 0
+    return module, x
+
+
+def test_null_row_gives_all_zero_weights_and_finite_output_and_gradients():
+    module, x = null_row_module()
+    x.requires_grad_(True)
+    out, weights = self_attend(module, x, need_head_weights=True)
+    assert (weights[:, :, 0] == 0).all(), "a zero query must switch every head off"
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+
+
+def test_null_row_under_bf16_autocast_is_finite():
+    module, x = null_row_module()
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, weights = self_attend(module, x, need_head_weights=True)
+    assert (weights[:, :, 0] == 0).all() and torch.isfinite(out.float()).all()
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+
+
+def _fp16_supported():
+    try:
+        torch.ones(2, 2, dtype=torch.float16) @ torch.ones(2, 2, dtype=torch.float16)
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.skipif(not _fp16_supported(), reason="this machine's torch has no fp16 matmul")
+def test_null_row_in_fp16_is_finite_and_norm_runs_in_fp32():
+    module, x = null_row_module(dtype=torch.float16)
+    x.requires_grad_(True)
+    out, weights = self_attend(module, x, need_head_weights=True)
+    assert out.dtype == torch.float16 and weights.dtype == torch.float32
+    assert (weights[:, :, 0] == 0).all() and torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    # the norm of an all-zero row is 0 / sqrt(1e-8) = 0 computed in fp32; in fp16 1e-8 would underflow to 0
+    heads = torch.zeros(1, 1, EMBED, dtype=torch.float16)
+    assert torch.isfinite(module.attn_fn.norm(heads)).all()
+
+
+def test_rela_i_is_invariant_to_scaling_v_proj_because_the_norm_spans_all_heads():
+    module = make_attention("rela", rela_variant="init")
+    x = torch.randn(6, 2, EMBED)
+    before, _ = self_attend(module, x)
+    with torch.no_grad():
+        module.v_proj.weight.mul_(3.7)
+        module.v_proj.bias.mul_(3.7)
+    after, _ = self_attend(module, x)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scope,changes", [("all", True), ("head", False)])
+def test_scaling_one_heads_values_changes_the_output_only_when_the_norm_spans_all_heads(scope, changes):
+    module = make_attention("rela", rela_variant="init", rela_norm_scope=scope)
+    x = torch.randn(6, 2, EMBED)
+    before, _ = self_attend(module, x)
+    d_h = EMBED // HEADS
+    with torch.no_grad():  # scale head 1's slice of the values only
+        module.v_proj.weight[d_h:2 * d_h].mul_(5.0)
+        module.v_proj.bias[d_h:2 * d_h].mul_(5.0)
+    after, _ = self_attend(module, x)
+    assert (not torch.allclose(after, before, rtol=1e-4, atol=1e-5)) == changes
+
+
+@pytest.mark.parametrize("fn", ATTN_FNS)
+def test_gradcheck_float64(fn):
+    module = make_attention(fn, embed_dim=8, heads=2, dtype=torch.float64, kv_dim=6, entmax_bisect_iters=80)
+    query = torch.randn(3, 2, 8, dtype=torch.float64, requires_grad=True)
+    memory = torch.randn(4, 2, 6, dtype=torch.float64, requires_grad=True)
+    mask = padding_mask([4, 3], 4)
+    params = list(module.attn_fn.parameters())
+    # softmax: check our own path; fairseq's stock path (used when no weights are stored) rounds softmax to fp32
+    module.store_attn = True
+
+    def f(q, m, *extra):
+        return module(q, m, m, key_padding_mask=mask, static_kv=True, need_weights=False)[0]
+
+    assert torch.autograd.gradcheck(f, (query, memory, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_entmax_alpha_learns_one_alpha_per_head_in_the_open_interval():
+    fn = build_attention_function("entmax_alpha", EMBED, HEADS)
+    assert isinstance(fn, EntmaxAlpha) and fn.pre_alpha.shape == (HEADS,)
+    torch.testing.assert_close(fn.alpha(), torch.full((HEADS,), 1.5))
+    with torch.no_grad():
+        fn.pre_alpha.copy_(torch.tensor([-50.0, -1.0, 1.0, 50.0]))
+    alpha = fn.alpha()
+    assert (alpha >= 1.01).all() and (alpha <= 2.0).all() and alpha[1] < alpha[2]
+    scores = torch.randn(2, HEADS, 3, 5)
+    weights = fn(scores)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, HEADS, 3))
+    assert (weights == 0).any()
+
+
+@pytest.mark.parametrize("fn", ["softmax", "sparsemax", "entmax15", "entmax_alpha"])
+def test_normalised_functions_sum_to_one_and_ignore_masked_keys(fn):
+    module = make_attention(fn)
+    x = torch.randn(6, 3, EMBED)
+    mask = padding_mask([6, 4, 2], 6)
+    _, weights = self_attend(module, x, mask, need_head_weights=True)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(HEADS, 3, 6), rtol=1e-5, atol=1e-5)
+    assert (weights.transpose(0, 1)[mask[:, None, None, :].expand(-1, HEADS, 6, -1)] == 0).all()
+
+
+@pytest.mark.parametrize("fn", ATTN_FNS)
+def test_weights_are_computed_only_when_requested(fn):
+    module = make_attention(fn)
+    x = torch.randn(4, 2, EMBED)
+    out, weights = self_attend(module, x, need_weights=False)
+    assert weights is None
+    out2, avg = self_attend(module, x, need_weights=True)
+    out3, per_head = self_attend(module, x, need_head_weights=True)
+    assert avg.shape == (2, 4, 4) and per_head.shape == (HEADS, 2, 4, 4)
+    torch.testing.assert_close(avg, per_head.mean(0))
+    torch.testing.assert_close(out, out2)
+    torch.testing.assert_close(out, out3)
+
+
+def test_reported_weights_are_pre_dropout():
+    module = make_attention("rela")
+    module.dropout_module.p = 0.5
+    module.train()
+    x = torch.randn(4, 2, EMBED)
+    _, weights = self_attend(module, x, need_head_weights=True)
+    module.eval()
+    _, clean = self_attend(module, x, need_head_weights=True)
+    torch.testing.assert_close(weights, clean)

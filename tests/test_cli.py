@@ -1,0 +1,115 @@
+"""End to end through fairseq's own command-line tools with --user-dir, for every system."""
+
+import pytest
+import torch
+
+from conftest import TINY_SIZES, train
+from helpers import TINY_TRAIN_ARGS, USER_DIR, parse_generate_output, run_cli
+from rela_fairseq.systems import SYSTEMS
+
+
+def generate(data, checkpoint, *extra, check=True):
+    return run_cli("fairseq-generate", data, "--user-dir", USER_DIR, "--path", checkpoint, "--beam", 3,
+                   "--batch-size", 16, "--required-batch-size-multiple", 1, "--cpu", "--gen-subset", "test",
+                   *extra, check=check)
+
+
+@pytest.mark.parametrize("system", list(SYSTEMS))
+def test_train_resume_generate_interactive(system, trained, toy_bin):
+    save_dir = trained(system)
+    state = torch.load(save_dir / "checkpoint_last.pt", weights_only=True)  # through the plugin's allow-list
+    settings = state["model"]["decoder.layers.0.encoder_attn.attn_fn._extra_state"]
+    assert settings["attn_fn"] == SYSTEMS[system][1]
+
+    gen = generate(toy_bin, save_dir / "checkpoint_last.pt", "--print-alignment")
+    out = parse_generate_output(gen.stdout)
+    assert len(out) == TINY_SIZES["test"], "every test sentence is translated (--required-batch-size-multiple 1)"
+    for sentence in out.values():
+        assert "H" in sentence and "A" in sentence
+        n_target = len(sentence["H"].split()) + 1  # + EOS
+        for link in sentence["A"].split():
+            src, tgt = map(int, link.split("-"))
+            assert 0 <= tgt < n_target
+    assert "BLEU4" in gen.stdout
+
+    inter = run_cli("fairseq-interactive", toy_bin, "--user-dir", USER_DIR, "--path", save_dir / "checkpoint_last.pt",
+                    "--beam", 2, "--cpu", "--source-lang", "src", "--target-lang", "tgt",
+                    input="now the cat sees a dog\nyesterday some big kings find the old book quickly\n")
+    hypotheses = [line for line in inter.stdout.splitlines() if line.startswith("H-")]
+    assert len(hypotheses) == 2
+
+
+def test_generation_runs_our_attention_not_softmax(trained, toy_bin, tmp_path):
+    """The same weights decoded with ReLA and with softmax give different translations: generation (left-padded
+    batches, encoder included) really runs the plugin's attention on this fairseq version."""
+    save_dir = tmp_path / "rela_nonorm"
+    train(toy_bin, save_dir, 30, "--attn-fn", "rela", "--rela-variant", "init", "--rela-norm", "none")
+    rela = parse_generate_output(generate(toy_bin, save_dir / "checkpoint_last.pt").stdout)
+    softmax = parse_generate_output(generate(
+        toy_bin, save_dir / "checkpoint_last.pt",
+        "--model-overrides", "{'attn_fn': 'softmax', 'allow_attn_fn_change': True}").stdout)
+    assert rela.keys() == softmax.keys() and len(rela) == TINY_SIZES["test"]
+    differ = sum(rela[i]["H"] != softmax[i]["H"] for i in rela)
+    assert differ > len(rela) // 2, f"only {differ} of {len(rela)} translations differ"
+
+
+def test_bad_attention_options_are_rejected_at_argument_parsing(toy_bin, tmp_path):
+    for option, value in (("--attn-fn", "relu"), ("--cross-attn-fn", "linear"), ("--rela-variant", "gate"),
+                          ("--rela-norm", "batch"), ("--rela-activation", "gelu")):
+        proc = train(toy_bin, tmp_path / "never", 1, option, value, check=False)
+        assert proc.returncode != 0
+        assert f"argument {option}: invalid choice: '{value}'" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "never").exists() or not any((tmp_path / "never").iterdir())
+
+
+def test_bad_override_at_generation_is_one_clear_line(trained, toy_bin):
+    proc = generate(toy_bin, trained("rela_g") / "checkpoint_last.pt", "--model-overrides", "{'attn_fn': 'relu'}",
+                    check=False)
+    assert proc.returncode != 0
+    assert "rela_fairseq: error: unknown attention function 'relu'; choose one of softmax, sparsemax, entmax15, " \
+           "entmax_alpha, rela" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_resuming_with_other_attention_settings_fails_clearly_and_keeps_the_checkpoint(trained, toy_bin, tmp_path):
+    import shutil
+
+    save_dir = tmp_path / "resume"
+    shutil.copytree(trained("rela_g"), save_dir)
+    before = (save_dir / "checkpoint_last.pt").read_bytes()
+    proc = train(toy_bin, save_dir, 40, "--attn-fn", "softmax", check=False)
+    assert proc.returncode != 0
+    assert "rela_fairseq: error: the checkpoint's attention settings differ from this model's" in proc.stderr
+    assert "checkpoint rela (relu, norm=rms, scope=all, gated), model softmax" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (save_dir / "checkpoint_last.pt").read_bytes() == before
+
+
+def test_missing_entmax_names_the_install_command(toy_bin, tmp_path):
+    hide = tmp_path / "hide_entmax"
+    hide.mkdir()
+    (hide / "entmax.py").write_text("raise ImportError('No module named entmax')\n")
+    proc = run_cli("fairseq-train", toy_bin, *TINY_TRAIN_ARGS, "--save-dir", tmp_path / "ck", "--max-update", 1,
+                   "--attn-fn", "sparsemax", check=False, env={"PYTHONPATH": str(hide)})
+    assert proc.returncode != 0
+    assert ("rela_fairseq: error: --attn-fn sparsemax needs the 'entmax' package, which is not installed; "
+            "install it with: pip install entmax") in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_crafted_checkpoint_is_refused_and_its_code_does_not_run(toy_bin, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return os.system, (f"touch {marker}",)
+
+    crafted = tmp_path / "checkpoint_evil.pt"
+    torch.save({"model": {}, "cfg": Payload()}, crafted)
+    proc = generate(toy_bin, crafted, check=False)
+    assert proc.returncode != 0
+    assert "weights_only" in proc.stderr.lower() or "Unsupported global" in proc.stderr
+    assert not marker.exists(), "unpickling the checkpoint ran its code"

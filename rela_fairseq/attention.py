@@ -60,16 +60,27 @@ class RelaMultiheadAttention(MultiheadAttention):
 
     def _masked_scores_and_values(self, query, key, value, key_padding_mask, incremental_state, static_kv,
                                   attn_mask):
-        """fairseq's forward up to the softmax. Its fused fast path ignores ``before_softmax``, so it is switched
-        off for this call (``skip_embed_dim_check`` is the one switch that does nothing else)."""
+        """fairseq's forward up to the softmax: scores [B*H, T, S] with masked keys at the attention function's
+        ``masked_score`` (0 for ReLA, -inf otherwise), and values.
+
+        Its fused fast path ignores ``before_softmax``, so it is switched off for this call (``skip_embed_dim_check``
+        is the one switch that does nothing else). Without a key/value cache the padding mask is applied here, in
+        place: fairseq's own masking copies the scores, and fills -inf where ReLA wants 0."""
+        own_mask = (key_padding_mask is not None and incremental_state is None and self.bias_k is None
+                    and not self.add_zero_attn and (not self.encoder_decoder_attention or self.beam_size == 1))
         skip = self.skip_embed_dim_check
         self.skip_embed_dim_check = True
         try:
-            return super().forward(query, key, value, key_padding_mask=key_padding_mask,
-                                   incremental_state=incremental_state, need_weights=False, static_kv=static_kv,
-                                   attn_mask=attn_mask, before_softmax=True)
+            scores, v = super().forward(query, key, value, key_padding_mask=None if own_mask else key_padding_mask,
+                                        incremental_state=incremental_state, need_weights=False,
+                                        static_kv=static_kv, attn_mask=attn_mask, before_softmax=True)
         finally:
             self.skip_embed_dim_check = skip
+        if own_mask:
+            bsz, src_len = key_padding_mask.shape
+            scores.view(bsz, -1, scores.size(1), src_len).masked_fill_(
+                key_padding_mask.view(bsz, 1, 1, src_len).to(torch.bool), self.attn_fn.masked_score)
+        return scores, v
 
 
 def set_store_attn(model, enabled=True):

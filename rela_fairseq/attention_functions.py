@@ -33,6 +33,7 @@ STOCK_SETTINGS = {"attn_fn": "softmax", "params": []}  # what a stock fairseq ch
 class AttentionFunction(nn.Module):
     name = None
     sums_to_one = True
+    masked_score = float("-inf")  # what a masked (padding, future) score is set to before the mapping
 
     def __init__(self):
         super().__init__()
@@ -171,14 +172,16 @@ class Rela(AttentionFunction):
 
     name = "rela"
     sums_to_one = False
+    masked_score = 0.0  # spec step 3: masked scores become exactly 0 (not -inf) before the ReLU
 
     def __init__(self, embed_dim, num_heads, activation="relu", norm="rms", norm_scope="all", gate=True,
-                 gain_init="ones"):
+                 gain_init="ones", fused_norm=False):
         super().__init__()
         if activation not in ("relu", "relu2"):
             raise RelaConfigError(f"unknown --rela-activation {activation!r}; choose one of relu, relu2")
         self.activation = activation
-        self.norm = RelaNorm(embed_dim, num_heads, norm=norm, scope=norm_scope, gate=gate, gain_init=gain_init)
+        self.norm = RelaNorm(embed_dim, num_heads, norm=norm, scope=norm_scope, gate=gate, gain_init=gain_init,
+                             fused=fused_norm)
 
     def forward(self, scores):
         return rectify(scores, self.activation)
@@ -200,7 +203,8 @@ RELA_VARIANTS = ("gated", "init")  # ReLA-g, ReLA-i
 
 
 def build_attention_function(name, embed_dim, num_heads, rela_variant="gated", rela_norm="rms", rela_norm_scope="all",
-                             rela_gain_init=None, rela_activation="relu", entmax_alpha_init=1.5, entmax_bisect_iters=25):
+                             rela_gain_init=None, rela_activation="relu", rela_fused_norm=False, entmax_alpha_init=1.5,
+                             entmax_bisect_iters=25):
     """Build one attention function from the command-line settings (see ``models.add_rela_args``)."""
     if name not in ATTENTION_FUNCTIONS:
         raise RelaConfigError(f"unknown attention function {name!r}; choose one of {', '.join(ATTN_FN_CHOICES)}")
@@ -210,7 +214,7 @@ def build_attention_function(name, embed_dim, num_heads, rela_variant="gated", r
         gated = rela_variant == "gated"
         gain_init = rela_gain_init or ("ones" if gated else "xavier")
         return Rela(embed_dim, num_heads, activation=rela_activation, norm=rela_norm, norm_scope=rela_norm_scope,
-                    gate=gated, gain_init=gain_init)
+                    gate=gated, gain_init=gain_init, fused_norm=rela_fused_norm)
     if name == "entmax_alpha":
         return EntmaxAlpha(num_heads, alpha_init=entmax_alpha_init, n_iter=entmax_bisect_iters)
     return ATTENTION_FUNCTIONS[name]()

@@ -36,6 +36,7 @@ def build_attention(cfg, attention_type, embed_dim, num_heads, **mha_kwargs):
         rela_norm_scope=safe_getattr(cfg, "rela_norm_scope", "all"),
         rela_gain_init=safe_getattr(cfg, "rela_gain_init", None),
         rela_activation=safe_getattr(cfg, "rela_activation", "relu"),
+        rela_fused_norm=bool(safe_getattr(cfg, "rela_fused_norm", False)),
         entmax_alpha_init=safe_getattr(cfg, "entmax_alpha_init", 1.5),
         entmax_bisect_iters=safe_getattr(cfg, "entmax_bisect_iters", 25),
     )

@@ -33,6 +33,7 @@ RELA_DEFAULTS = {
     "rela_norm_scope": "all",
     "rela_gain_init": None,  # None: ones for ReLA-g, xavier for ReLA-i
     "rela_activation": "relu",
+    "rela_fused_norm": False,
     "entmax_alpha_init": 1.5,
     "entmax_bisect_iters": 25,
     "allow_attn_fn_change": False,
@@ -56,6 +57,9 @@ def add_rela_args(parser):
     parser.add_argument("--rela-gain-init", choices=GAIN_INITS,
                         help="norm gain init (default: ones for gated, xavier for init)")
     parser.add_argument("--rela-activation", choices=ACTIVATIONS, help="relu (default) or squared relu")
+    parser.add_argument("--rela-fused-norm", action="store_true",
+                        help="run the ReLA norm and gate as fused kernels compiled by torch.compile (C++ on CPU, "
+                             "Triton on GPU); same results, faster, compiled on first use")
     parser.add_argument("--entmax-alpha-init", type=float, help="initial alpha of entmax_alpha, in (1, 2) (default 1.5)")
     parser.add_argument("--entmax-bisect-iters", type=int, help="bisection iterations of entmax_alpha (default 25)")
     parser.add_argument("--allow-attn-fn-change", action="store_true",

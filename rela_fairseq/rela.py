@@ -14,8 +14,8 @@ The steps of ``shared/spec/rela.md`` §1, for one attention module of width d wi
     8. Y = Norm(O) W_o + b_o
 
 ``rela_attention`` is the plain reference of those eight lines (used by the tests); the model runs the same math
-through ``rectify`` (steps 3-4) and ``RelaNorm`` (step 7) inside fairseq's ``MultiheadAttention``, which already does
-steps 1, 2, 5, 6 and 8 and the key/value caching for incremental decoding.
+through ``rectify`` (steps 3-4) and ``RelaNorm`` (step 7, ``rela_norm_reference``) inside fairseq's
+``MultiheadAttention``, which already does steps 1, 2, 5, 6 and 8 and the key/value caching for incremental decoding.
 """
 
 import math
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import RelaConfigError
+from .errors import RelaConfigError, RelaFairseqError
 
 EPS = 1e-8  # inside the square root, as in the official code
 ACTIVATIONS = ("relu", "relu2")
@@ -53,7 +53,7 @@ class RelaNorm(nn.Module):
     ablation). ``norm="none"`` keeps only the gate (if any). The gain g is always a length-d vector.
     """
 
-    def __init__(self, embed_dim, num_heads, norm="rms", scope="all", gate=True, gain_init="ones"):
+    def __init__(self, embed_dim, num_heads, norm="rms", scope="all", gate=True, gain_init="ones", fused=False):
         super().__init__()
         for name, value, choices in (
             ("norm", norm, NORMS),
@@ -63,7 +63,8 @@ class RelaNorm(nn.Module):
             if value not in choices:
                 raise RelaConfigError(f"unknown ReLA {name} {value!r}; choose one of {', '.join(choices)}")
         self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.norm, self.scope, self.gain_init = norm, scope, gain_init
+        self.norm, self.scope, self.gain_init, self.fused = norm, scope, gain_init, fused
+        self.width = embed_dim if scope == "all" else embed_dim // num_heads
         self.weight = nn.Parameter(torch.ones(embed_dim)) if norm != "none" else None
         self.bias = nn.Parameter(torch.zeros(embed_dim)) if norm == "layer" else None
         self.gate_weight = nn.Parameter(torch.zeros(embed_dim)) if gate else None
@@ -89,28 +90,114 @@ class RelaNorm(nn.Module):
 
     def forward(self, heads):
         """``heads``: [..., d], the concatenated head outputs O. Computed in fp32, returned in the input dtype."""
-        z = at_least_fp32(heads)
-        y = self._normalise(z)
-        if self.gate_weight is not None:
-            y = y * torch.sigmoid(z * self.gate_weight.to(z.dtype))
-        return y.to(heads.dtype)
-
-    def _normalise(self, z):
-        if self.norm == "none":
-            return z
-        width = self.embed_dim if self.scope == "all" else self.embed_dim // self.num_heads
-        shape = z.shape
-        parts = z.reshape(*shape[:-1], -1, width)
-        if self.norm == "rms":
-            parts = _rms_norm(parts, width)
-        else:
-            parts = F.layer_norm(parts, (width,), eps=EPS)
-        y = parts.reshape(shape) * self.weight.to(z.dtype)
-        return y + self.bias.to(z.dtype) if self.bias is not None else y
+        norm = fused_rela_norm if self.fused else rela_norm
+        return norm(heads, self.weight, self.bias, self.gate_weight, self.norm, self.width)
 
     def extra_repr(self):
         gate = "gated" if self.gate_weight is not None else "no gate"
-        return f"{self.embed_dim}, norm={self.norm}, scope={self.scope}, {gate}"
+        return f"{self.embed_dim}, norm={self.norm}, scope={self.scope}, {gate}" + (", fused" if self.fused else "")
+
+
+def rela_norm_reference(heads, weight, bias, gate_weight, norm, width):
+    """Step 7 on O = ``heads`` [..., d], as written: Norm(z) (⊙ σ(w ⊙ z) for ReLA-g), z = O in fp32; ``width`` is
+    d, or d_h for a per-head norm. Returned in the dtype of ``heads``."""
+    z = at_least_fp32(heads)
+    y = z
+    if norm != "none":
+        parts = z.reshape(*z.shape[:-1], -1, width)
+        if norm == "rms":
+            parts = parts * torch.rsqrt(parts.pow(2).mean(-1, keepdim=True) + EPS)
+        else:
+            parts = F.layer_norm(parts, (width,), eps=EPS)
+        y = parts.reshape(z.shape) * weight.to(z.dtype)
+        if bias is not None:
+            y = y + bias.to(z.dtype)
+    if gate_weight is not None:
+        y = y * torch.sigmoid(z * gate_weight.to(z.dtype))
+    return y.to(heads.dtype)
+
+
+def rela_norm(heads, weight, bias, gate_weight, norm, width):
+    """``rela_norm_reference``; for RMSNorm through ``GatedRMSNorm``, which keeps one tensor for the backward pass
+    instead of about seven (same values and gradients), or, without gradients (decoding), its in-place forward."""
+    if norm != "rms":
+        return rela_norm_reference(heads, weight, bias, gate_weight, norm, width)
+    if torch.is_grad_enabled():
+        return GatedRMSNorm.apply(heads, weight, gate_weight, width)
+    y, _ = GatedRMSNorm.compute(heads, weight, gate_weight, width)
+    return y
+
+
+class GatedRMSNorm(torch.autograd.Function):
+    """y = g ⊙ z / sqrt(mean(z²) + ε) [⊙ σ(w ⊙ z)], computed in fp32, over rows of ``width``.
+
+    Saves only the input and the per-row rsqrt; the backward pass recomputes the normalised rows and the gate (cheap
+    elementwise work) rather than storing them: ReLA-g's peak training memory stays near softmax's."""
+
+    @staticmethod
+    def compute(heads, weight, gate_weight, width):
+        """(y, per-row rsqrt): the forward pass, with as few kernels as eager PyTorch allows."""
+        z = at_least_fp32(heads)
+        rows = z.reshape(-1, width)
+        rstd = rows.pow(2).mean(-1, keepdim=True).add_(EPS).rsqrt_()
+        y = (rows * rstd).view(z.shape).mul_(weight.to(z.dtype))
+        if gate_weight is not None:
+            y.mul_(torch.sigmoid_(z * gate_weight.to(z.dtype)))
+        return y.to(heads.dtype), rstd
+
+    @staticmethod
+    def forward(ctx, heads, weight, gate_weight, width):
+        y, rstd = GatedRMSNorm.compute(heads, weight, gate_weight, width)
+        ctx.save_for_backward(heads, weight, gate_weight, rstd)
+        ctx.width = width
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        heads, weight, gate_weight, rstd = ctx.saved_tensors
+        z = at_least_fp32(heads)
+        grad = grad.to(z.dtype)
+        g = weight.to(z.dtype)
+        normed = (z.reshape(-1, ctx.width) * rstd).view(z.shape)
+        sum_dims = tuple(range(z.dim() - 1))
+        grad_gate = dz_gate = None
+        if gate_weight is not None:
+            w = gate_weight.to(z.dtype)
+            gate = torch.sigmoid(z * w)
+            d_pre = grad * normed * g  # d y / d gate
+            d_pre.mul_(gate).mul_(1 - gate)  # σ' = σ(1 - σ)
+            grad_gate = (d_pre * z).sum(sum_dims).to(gate_weight.dtype)
+            dz_gate = d_pre.mul_(w)
+            grad = grad * gate
+        grad_weight = (grad * normed).sum(sum_dims).to(weight.dtype)
+        d_normed = (grad * g).reshape(-1, ctx.width)
+        rows = normed.reshape(-1, ctx.width)
+        dz = (d_normed - rows * (d_normed * rows).mean(-1, keepdim=True)).mul_(rstd).view(z.shape)
+        if dz_gate is not None:
+            dz = dz + dz_gate
+        return dz.to(heads.dtype), grad_weight, grad_gate, None
+
+
+_compiled_rela_norm = None
+
+
+def fused_rela_norm(*args):
+    """``rela_norm_reference`` compiled into fused kernels by torch.compile (C++/OpenMP on CPU, Triton on GPU),
+    forward and backward, for training. Compiled on first use (seconds; cached on disk by torch), once for all
+    shapes. Without gradients (decoding steps, too small to gain) the eager ``rela_norm`` runs instead."""
+    global _compiled_rela_norm
+    if not torch.is_grad_enabled():
+        return rela_norm(*args)
+    if _compiled_rela_norm is None:
+        _compiled_rela_norm = torch.compile(rela_norm_reference, dynamic=True)
+    try:
+        return _compiled_rela_norm(*args)
+    except Exception as exc:  # torch's compiler errors have no common base class
+        if "Compile" not in type(exc).__name__ and "Inductor" not in type(exc).__name__:
+            raise
+        raise RelaFairseqError(f"--rela-fused-norm: torch.compile failed ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}); it needs a C++ compiler on CPU or "
+                               "Triton on GPU. Drop the flag to use the eager implementation.") from exc
 
 
 def at_least_fp32(x):
@@ -121,12 +208,6 @@ def at_least_fp32(x):
 def private_generator():
     """A generator seeded from torch's global seed: drawing from it leaves the global random stream untouched."""
     return torch.Generator().manual_seed(torch.initial_seed() % 2**63)
-
-
-def _rms_norm(z, width):
-    if hasattr(F, "rms_norm"):  # one fused kernel on torch >= 2.4
-        return F.rms_norm(z, (width,), eps=EPS)
-    return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + EPS)
 
 
 def rela_attention(query, memory, q_proj, k_proj, v_proj, out_proj, num_heads, norm, key_padding_mask=None,

@@ -34,17 +34,18 @@ setup_env() {
   if [[ -x $venv/bin/python && -f $stamp && "$(cat "$stamp")" == "$want" ]]; then
     echo "$venv"; return
   fi
-  python="$(find_python "$version")"
+  # every step checks its own status: callers run this inside $(...) or `if`, where `set -e` does not apply
+  python="$(find_python "$version")" || exit 1
   log "setting up $venv with $python (a few minutes the first time)"
-  [[ -x $venv/bin/python ]] || "$python" -m venv "$venv"
+  if [[ ! -x $venv/bin/python ]]; then "$python" -m venv "$venv" >&2 || die "cannot create $venv"; fi
   local pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
   if [[ $version == 3.10 ]]; then
     # fairseq 0.12.2 pins omegaconf<2.1, whose metadata pip >= 24.1 rejects
-    "${pip[@]}" "pip<24.1" >&2
+    "${pip[@]}" "pip<24.1" >&2 || die "cannot install pip<24.1 in $venv"
   fi
   # torch first and pinned: an unpinned torch pulled in by fairseq would be a multi-GB CUDA build on 3.11
-  "${pip[@]}" "torch==$TORCH_VERSION" >&2
-  "${pip[@]}" -e "$REPO_ROOT[test]" >&2
+  "${pip[@]}" "torch==$TORCH_VERSION" >&2 || die "cannot install torch==$TORCH_VERSION in $venv"
+  "${pip[@]}" -e "$REPO_ROOT[test]" >&2 || die "cannot install rela-fairseq and its dependencies in $venv"
   echo "$want" > "$stamp"
   log "ready: $venv ($("$venv/bin/python" -c 'import fairseq, torch; print("fairseq", fairseq.__version__, "torch", torch.__version__)' 2>/dev/null))"
   echo "$venv"

@@ -1,16 +1,31 @@
 #!/usr/bin/env bash
 # scripts/test.sh [--py 3.11|3.10] [pytest options...]: set up the environments and run the test suite under
-# Python 3.11 with fairseq-fixed 0.12.3.1 and under Python 3.10 with fairseq 0.12.2; fails if either fails.
+# Python 3.11 with fairseq-fixed 0.12.3.1 and under Python 3.10 with fairseq 0.12.2, side by side; fails if either fails.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 versions=(3.11 3.10)
 if [[ ${1:-} == --py ]]; then versions=("$2"); shift 2; fi
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,3p' "$0" | sed 's/^# //'; exit 0; fi
 unset TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD  # the tests exercise the checkpoint allow-list, never the global switch
+
 failed=()
-for version in "${versions[@]}"; do
-  if ! venv="$(setup_env "$version")"; then failed+=("$version (setup)"); continue; fi
+declare -A venvs
+for version in "${versions[@]}"; do  # installs one after the other
+  if venv="$(setup_env "$version")"; then venvs[$version]=$venv; else failed+=("$version (setup)"); fi
+done
+
+# the suites run side by side: much of their time is single-threaded (starting fairseq's command-line tools)
+declare -A pids
+for version in "${!venvs[@]}"; do
   log "running the tests on Python $version"
-  if ! (cd "$REPO_ROOT" && "$venv/bin/python" -m pytest "$@"); then failed+=("$version"); fi
+  (
+    cd "$REPO_ROOT"
+    "${venvs[$version]}/bin/python" -m pytest -p no:cacheprovider "$@" 2>&1 | sed -u "s/^/[py$version] /"
+    exit "${PIPESTATUS[0]}"
+  ) &
+  pids[$version]=$!
+done
+for version in "${!pids[@]}"; do
+  wait "${pids[$version]}" || failed+=("$version")
 done
 if (( ${#failed[@]} )); then die "tests failed on Python ${failed[*]}"; fi
 log "all tests passed on Python ${versions[*]}"

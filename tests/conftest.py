@@ -33,7 +33,7 @@ def toy_bin(toy_raw, tmp_path_factory):
 
 def train(data, save_dir, max_update, *extra, check=True):
     return run_cli("fairseq-train", data, *TINY_TRAIN_ARGS, "--save-dir", save_dir, "--max-update", max_update,
-                   "--save-interval-updates", 10, *extra, check=check)
+                   "--save-interval-updates", 5, *extra, check=check)
 
 
 def last_num_updates(log):
@@ -42,18 +42,18 @@ def last_num_updates(log):
 
 @pytest.fixture(scope="session")
 def trained(toy_bin, tmp_path_factory):
-    """{system: checkpoint dir}, each trained 20 updates and then resumed to 30 (trained on first use)."""
+    """{system: checkpoint dir}, each trained 10 updates and then resumed to 16 (trained on first use)."""
     cache = {}
 
     def get(system):
         if system not in cache:
             save_dir = tmp_path_factory.mktemp(f"ckpt_{system}")
-            first = train(toy_bin, save_dir, 20, *SYSTEMS[system])
-            assert last_num_updates(first.stdout + first.stderr) == 20
-            resumed = train(toy_bin, save_dir, 30, *SYSTEMS[system])
+            first = train(toy_bin, save_dir, 10, *SYSTEMS[system])
+            assert last_num_updates(first.stdout + first.stderr) == 10
+            resumed = train(toy_bin, save_dir, 16, *SYSTEMS[system])
             log = resumed.stdout + resumed.stderr
-            assert re.search(r"[Ll]oaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 20 updates\)", log), log[-3000:]
-            assert last_num_updates(log) == 30
+            assert re.search(r"[Ll]oaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 10 updates\)", log), log[-3000:]
+            assert last_num_updates(log) == 16
             cache[system] = save_dir
         return cache[system]
 

@@ -58,16 +58,29 @@ def left_padded_batch(dictionary, lengths, seed=0):
     return tokens, torch.tensor(lengths)
 
 
-def run_cli(tool, *args, input=None, check=True, cwd=None, env=None, timeout=900):
-    """Run one of the installed console scripts (fairseq-train, rela-analyze, ...) as a user would."""
+def start_cli(tool, *args, input=None, cwd=None, env=None):
+    """Start one of the installed console scripts (fairseq-train, rela-analyze, ...) as a user would."""
     exe = os.path.join(BIN_DIR, tool)
     cmd = [exe if os.path.exists(exe) else tool, *map(str, args)]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    proc = subprocess.run(cmd, input=input, capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout)
-    if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited with {proc.returncode}\n--- stderr (end) ---\n{proc.stderr[-4000:]}"
-                    f"\n--- stdout (end) ---\n{proc.stdout[-2000:]}")
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd, env=full_env)
+    proc.cmd, proc.input = cmd, input
     return proc
+
+
+def finish_cli(proc, check=True, timeout=900):
+    stdout, stderr = proc.communicate(proc.input, timeout=timeout)
+    result = subprocess.CompletedProcess(proc.cmd, proc.returncode, stdout, stderr)
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(proc.cmd)} exited with {result.returncode}\n--- stderr (end) ---\n{stderr[-4000:]}"
+                    f"\n--- stdout (end) ---\n{stdout[-2000:]}")
+    return result
+
+
+def run_cli(tool, *args, input=None, check=True, cwd=None, env=None, timeout=900):
+    """Run one of the installed console scripts and wait for it."""
+    return finish_cli(start_cli(tool, *args, input=input, cwd=cwd, env=env), check=check, timeout=timeout)
 
 
 TINY_TRAIN_ARGS = [

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from conftest import TINY_SIZES
-from helpers import run_cli
+from helpers import finish_cli, run_cli, start_cli
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +18,16 @@ def rela_checkpoint(trained):
 def analysed(trained, toy_bin, toy_raw, tmp_path_factory):
     """{system: (attention JSON file, align JSON file)} from the command line, for softmax and ReLA-g."""
     out = tmp_path_factory.mktemp("analysed")
-    files = {}
+    files, procs = {}, []
     for system in ("softmax", "rela_g"):
         ckpt = trained(system) / "checkpoint_last.pt"
         attention, align = out / f"{system}.attention.json", out / f"{system}.align.json"
-        attention.write_text(run_cli("rela-analyze", "attention", "--path", ckpt, toy_bin, "--json").stdout)
-        align.write_text(run_cli("rela-analyze", "align", "--path", ckpt, toy_bin, "--gold", toy_raw / "test.align",
-                                 "--output-dir", out / system, "--json").stdout)
+        procs.append((attention, start_cli("rela-analyze", "attention", "--path", ckpt, toy_bin, "--json")))
+        procs.append((align, start_cli("rela-analyze", "align", "--path", ckpt, toy_bin, "--gold",
+                                       toy_raw / "test.align", "--output-dir", out / system, "--json")))
         files[system] = (attention, align)
+    for path, proc in procs:  # side by side: each spends seconds importing fairseq
+        path.write_text(finish_cli(proc).stdout)
     return files
 
 

@@ -4,14 +4,17 @@ import pytest
 import torch
 
 from conftest import TINY_SIZES, train
-from helpers import TINY_TRAIN_ARGS, USER_DIR, parse_generate_output, run_cli
+from helpers import TINY_TRAIN_ARGS, USER_DIR, finish_cli, parse_generate_output, run_cli, start_cli
 from rela_fairseq.systems import SYSTEMS
 
 
+def generate_args(data, checkpoint, *extra):
+    return [data, "--user-dir", USER_DIR, "--path", checkpoint, "--beam", 3, "--batch-size", 16,
+            "--required-batch-size-multiple", 1, "--cpu", "--gen-subset", "test", *extra]
+
+
 def generate(data, checkpoint, *extra, check=True):
-    return run_cli("fairseq-generate", data, "--user-dir", USER_DIR, "--path", checkpoint, "--beam", 3,
-                   "--batch-size", 16, "--required-batch-size-multiple", 1, "--cpu", "--gen-subset", "test",
-                   *extra, check=check)
+    return run_cli("fairseq-generate", *generate_args(data, checkpoint, *extra), check=check)
 
 
 @pytest.mark.parametrize("system", list(SYSTEMS))
@@ -21,6 +24,11 @@ def test_train_resume_generate_interactive(system, trained, toy_bin):
     settings = state["model"]["decoder.layers.0.encoder_attn.attn_fn._extra_state"]
     assert settings["attn_fn"] == SYSTEMS[system][1]
 
+    # generation and interactive decoding run side by side (each spends seconds importing fairseq)
+    inter_proc = start_cli("fairseq-interactive", toy_bin, "--user-dir", USER_DIR, "--path",
+                           save_dir / "checkpoint_last.pt", "--beam", 2, "--cpu", "--source-lang", "src",
+                           "--target-lang", "tgt",
+                           input="now the cat sees a dog\nyesterday some big kings find the old book quickly\n")
     gen = generate(toy_bin, save_dir / "checkpoint_last.pt", "--print-alignment")
     out = parse_generate_output(gen.stdout)
     assert len(out) == TINY_SIZES["test"], "every test sentence is translated (--required-batch-size-multiple 1)"
@@ -32,9 +40,7 @@ def test_train_resume_generate_interactive(system, trained, toy_bin):
             assert 0 <= tgt < n_target
     assert "BLEU4" in gen.stdout
 
-    inter = run_cli("fairseq-interactive", toy_bin, "--user-dir", USER_DIR, "--path", save_dir / "checkpoint_last.pt",
-                    "--beam", 2, "--cpu", "--source-lang", "src", "--target-lang", "tgt",
-                    input="now the cat sees a dog\nyesterday some big kings find the old book quickly\n")
+    inter = finish_cli(inter_proc)
     hypotheses = [line for line in inter.stdout.splitlines() if line.startswith("H-")]
     assert len(hypotheses) == 2
 
@@ -43,20 +49,24 @@ def test_generation_runs_our_attention_not_softmax(trained, toy_bin, tmp_path):
     """The same weights decoded with ReLA and with softmax give different translations: generation (left-padded
     batches, encoder included) really runs the plugin's attention on this fairseq version."""
     save_dir = tmp_path / "rela_nonorm"
-    train(toy_bin, save_dir, 30, "--attn-fn", "rela", "--rela-variant", "init", "--rela-norm", "none")
-    rela = parse_generate_output(generate(toy_bin, save_dir / "checkpoint_last.pt").stdout)
-    softmax = parse_generate_output(generate(
+    train(toy_bin, save_dir, 16, "--attn-fn", "rela", "--rela-variant", "init", "--rela-norm", "none")
+    as_softmax = start_cli("fairseq-generate", *generate_args(
         toy_bin, save_dir / "checkpoint_last.pt",
-        "--model-overrides", "{'attn_fn': 'softmax', 'allow_attn_fn_change': True}").stdout)
+        "--model-overrides", "{'attn_fn': 'softmax', 'allow_attn_fn_change': True}"))
+    rela = parse_generate_output(generate(toy_bin, save_dir / "checkpoint_last.pt").stdout)
+    softmax = parse_generate_output(finish_cli(as_softmax).stdout)
     assert rela.keys() == softmax.keys() and len(rela) == TINY_SIZES["test"]
     differ = sum(rela[i]["H"] != softmax[i]["H"] for i in rela)
     assert differ > len(rela) // 2, f"only {differ} of {len(rela)} translations differ"
 
 
 def test_bad_attention_options_are_rejected_at_argument_parsing(toy_bin, tmp_path):
-    for option, value in (("--attn-fn", "relu"), ("--cross-attn-fn", "linear"), ("--rela-variant", "gate"),
-                          ("--rela-norm", "batch"), ("--rela-activation", "gelu")):
-        proc = train(toy_bin, tmp_path / "never", 1, option, value, check=False)
+    bad = (("--attn-fn", "relu"), ("--cross-attn-fn", "linear"), ("--rela-variant", "gate"), ("--rela-norm", "batch"),
+           ("--rela-activation", "gelu"))
+    procs = [start_cli("fairseq-train", toy_bin, *TINY_TRAIN_ARGS, "--save-dir", tmp_path / "never", "--max-update", 1,
+                       option, value) for option, value in bad]
+    for (option, value), started in zip(bad, procs):
+        proc = finish_cli(started, check=False)
         assert proc.returncode != 0
         assert f"argument {option}: invalid choice: '{value}'" in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
@@ -78,7 +88,7 @@ def test_resuming_with_other_attention_settings_fails_clearly_and_keeps_the_chec
     save_dir = tmp_path / "resume"
     shutil.copytree(trained("rela_g"), save_dir)
     before = (save_dir / "checkpoint_last.pt").read_bytes()
-    proc = train(toy_bin, save_dir, 40, "--attn-fn", "softmax", check=False)
+    proc = train(toy_bin, save_dir, 30, "--attn-fn", "softmax", check=False)
     assert proc.returncode != 0
     assert "rela_fairseq: error: the checkpoint's attention settings differ from this model's" in proc.stderr
     assert "checkpoint rela (relu, norm=rms, scope=all, gated), model softmax" in proc.stderr

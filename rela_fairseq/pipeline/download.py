@@ -150,7 +150,7 @@ def _download(url, part, progress):
                 raise DownloadError(f"{url}: download failed after {RETRIES} attempts ({exc}); {have} bytes kept in "
                                     f"{part}, run the command again to resume") from exc
             logger.warning(f"{url}: {exc}; retrying ({attempt}/{RETRIES - 1})")
-            time.sleep(min(2 ** attempt, 10))
+            time.sleep(float(os.environ.get("RELA_DOWNLOAD_RETRY_WAIT", min(2 ** attempt, 10))))
 
 
 def _download_once(url, part, progress):

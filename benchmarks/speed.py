@@ -1,0 +1,337 @@
+#!/usr/bin/env python
+"""Training and decoding speed, and peak memory, of every attention function against fairseq's stock Transformer.
+
+One process measures all systems on the same synthetic batches, interleaving them (the order rotates every
+repeat) and reporting medians and ratios to softmax. The softmax reference is fairseq's own ``transformer`` with its
+fastest path (fused kernels included), not softmax routed through rela_fairseq; every other system is
+``transformer_rela`` with the same sizes and dropout (0.1 everywhere, as in the paper).
+
+* training: target tokens per second over forward + backward + Adam step (label-smoothed loss);
+* decoding: sentences per second with fairseq's SequenceGenerator, beam 4, every output exactly --decode-length
+  tokens long (min = max length, so all systems decode the same number of steps);
+* peak memory: during a training step; on CUDA the allocator's peak, on CPU the peak growth of the process's resident
+  memory (sampled every millisecond; freed heap is returned with malloc_trim before each measurement).
+
+    python benchmarks/speed.py                  # small and Transformer-base, two lengths (minutes on a CPU)
+    python benchmarks/speed.py --quick          # tiny sizes, seconds (CI)
+    python benchmarks/speed.py --json out.json --device cuda
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+CONFIGS = {
+    "tiny": dict(embed=64, ffn=128, heads=4, layers=2, vocab=1000),
+    "small": dict(embed=256, ffn=1024, heads=4, layers=3, vocab=8000),
+    "base": dict(embed=512, ffn=2048, heads=8, layers=6, vocab=8000),
+}
+SYSTEMS = {  # name -> (model, options); "softmax" is the stock fairseq Transformer
+    "softmax": ("transformer", {}),
+    "sparsemax": ("transformer_rela", {"attn_fn": "sparsemax"}),
+    "entmax15": ("transformer_rela", {"attn_fn": "entmax15"}),
+    "entmax_alpha": ("transformer_rela", {"attn_fn": "entmax_alpha"}),
+    "rela_g": ("transformer_rela", {"attn_fn": "rela", "rela_variant": "gated"}),
+    "rela_i": ("transformer_rela", {"attn_fn": "rela", "rela_variant": "init"}),
+}
+EXTRA_SYSTEMS = {
+    "softmax_plugin": ("transformer_rela", {"attn_fn": "softmax"}),  # --attn-fn softmax through the plugin
+    "rela_g_fused": ("transformer_rela", {"attn_fn": "rela", "rela_variant": "gated", "rela_fused_norm": True}),
+}
+
+
+class Dictionary:
+    """What fairseq's models and SequenceGenerator need from a vocabulary."""
+
+    def __init__(self, size):
+        from fairseq.data import Dictionary as FairseqDictionary
+
+        self.d = FairseqDictionary()
+        for i in range(size - self.d.nspecial):
+            self.d.add_symbol(f"w{i}")
+
+
+class Task:
+    def __init__(self, dictionary):
+        self.source_dictionary = self.target_dictionary = dictionary
+
+
+def build(system, config, dictionary, device, seed=1):
+    import rela_fairseq  # noqa: F401  registers transformer_rela
+    from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
+
+    arch, options = {**SYSTEMS, **EXTRA_SYSTEMS}[system]
+    c = CONFIGS[config]
+    args = argparse.Namespace(
+        encoder_embed_dim=c["embed"], decoder_embed_dim=c["embed"], encoder_ffn_embed_dim=c["ffn"],
+        decoder_ffn_embed_dim=c["ffn"], encoder_attention_heads=c["heads"], decoder_attention_heads=c["heads"],
+        encoder_layers=c["layers"], decoder_layers=c["layers"], dropout=0.1, attention_dropout=0.1,
+        activation_dropout=0.1, share_decoder_input_output_embed=True, **options)
+    ARCH_CONFIG_REGISTRY[arch](args)
+    torch.manual_seed(seed)
+    return ARCH_MODEL_REGISTRY[arch].build_model(args, Task(dictionary)).to(device)
+
+
+def make_batch(dictionary, tokens, length, device, seed=0):
+    """Source and target batches of about ``tokens`` target tokens, lengths between length/2 and length."""
+    gen = torch.Generator().manual_seed(seed)
+    n = max(1, tokens // length)
+    lengths = torch.randint(max(2, length // 2), length + 1, (n,), generator=gen)
+    pad, eos, low = dictionary.pad(), dictionary.eos(), dictionary.nspecial
+
+    def pad_batch(left):
+        out = torch.full((n, length), pad, dtype=torch.long)
+        for i, m in enumerate(lengths.tolist()):
+            words = torch.cat([torch.randint(low, len(dictionary), (m - 1,), generator=gen), torch.tensor([eos])])
+            if left:
+                out[i, length - m:] = words
+            else:
+                out[i, :m] = words
+        return out
+
+    src = pad_batch(left=True)
+    target = pad_batch(left=False)
+    prev = torch.full_like(target, pad)
+    prev[:, 0] = eos
+    prev[:, 1:] = target[:, :-1]
+    prev[prev == eos] = pad
+    prev[:, 0] = eos
+    return {"net_input": {"src_tokens": src.to(device), "src_lengths": lengths.to(device),
+                          "prev_output_tokens": prev.to(device)},
+            "target": target.to(device), "ntokens": int(target.ne(pad).sum())}
+
+
+class PeakMemory:
+    """Peak memory growth during a block: CUDA allocator peak, or sampled resident memory on CPU."""
+
+    def __init__(self, device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        _malloc_trim()
+        self.base = _rss()
+        self.max = self.base
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.max = max(self.max, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.max, _rss()) - self.base
+        return False
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _malloc_trim():
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_step(model, optimizer, batch):
+    from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+    logits = model(**batch["net_input"])[0]
+    lprobs = torch.log_softmax(logits.float(), dim=-1).view(-1, logits.size(-1))
+    target = batch["target"].view(-1)
+    loss, _ = label_smoothed_nll_loss(lprobs, target, 0.1, ignore_index=1, reduce=True)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def time_training_step(model, optimizer, batch, device):
+    model.train()
+    sync(device)
+    t = time.perf_counter()
+    train_step(model, optimizer, batch)
+    sync(device)
+    return batch["ntokens"] / (time.perf_counter() - t)
+
+
+def peak_training_memory(model, optimizer, batch, device):
+    model.train()
+    with PeakMemory(device) as mem:
+        train_step(model, optimizer, batch)
+    return mem.peak
+
+
+def time_decoding(model, dictionary, sample, length, device):
+    from fairseq.sequence_generator import SequenceGenerator
+
+    model.eval()
+    generator = SequenceGenerator([model], dictionary, beam_size=4, max_len_a=0, max_len_b=length,
+                                  min_len=length)
+    with torch.no_grad():
+        sync(device)
+        t = time.perf_counter()
+        hypos = generator.generate([model], sample)
+        sync(device)
+        elapsed = time.perf_counter() - t
+    lengths = {len(h[0]["tokens"]) for h in hypos}
+    assert lengths == {length + 1}, f"output lengths differ: {lengths}"  # + EOS
+    return len(hypos) / elapsed
+
+
+def run(args):
+    device = torch.device(args.device)
+    systems = ["softmax"] + [s for s in args.systems if s != "softmax"] + list(args.extra)
+    results, raw = [], {}
+    for config in args.configs:
+        dictionary = Dictionary(CONFIGS[config]["vocab"]).d
+        models = {s: build(s, config, dictionary, device) for s in systems}
+        optimizers = {s: torch.optim.Adam(m.parameters(), lr=1e-4) for s, m in models.items()}
+        params = {s: sum(p.numel() for p in m.parameters()) for s, m in models.items()}
+        for length in args.lengths:
+            batch = make_batch(dictionary, args.train_tokens, length, device, seed=length)
+            decode_sample = make_batch(dictionary, args.decode_sentences * length, length, device, seed=length + 1)
+            decode_sample = {"net_input": {k: v[: args.decode_sentences] for k, v in decode_sample["net_input"].items()
+                                           if k != "prev_output_tokens"}}
+            cell = raw.setdefault(f"{config}/L{length}", {s: {"train": [], "decode": [], "memory": []}
+                                                        for s in systems})
+            for system in systems:  # warm-up (and Adam's state)
+                time_training_step(models[system], optimizers[system], batch, device)
+                time_decoding(models[system], dictionary, decode_sample, length, device)
+            # one step per system per round, the order rotating: a burst of noise hits every system alike
+            for kind in ("train", "decode"):
+                for repeat in range(args.repeats):
+                    for system in systems[repeat % len(systems):] + systems[: repeat % len(systems)]:
+                        if kind == "train":
+                            value = time_training_step(models[system], optimizers[system], batch, device)
+                        else:
+                            value = time_decoding(models[system], dictionary, decode_sample, length, device)
+                        cell[system][kind].append(value)
+                    print(f"  {config} L={length} {kind} round {repeat + 1}/{args.repeats}: " + "  ".join(
+                        f"{s} {cell[s][kind][-1]:.1f}" for s in systems), file=sys.stderr, flush=True)
+            for system in systems:
+                cell[system]["memory"].append(peak_training_memory(models[system], optimizers[system], batch, device))
+            ref = {k: statistics.median(cell["softmax"][k]) for k in ("train", "decode", "memory")}
+            for system in systems:
+                med = {k: statistics.median(cell[system][k]) for k in ("train", "decode", "memory")}
+                results.append({
+                    "config": config, "length": length, "system": system, "parameters": params[system],
+                    "train_tokens_per_s": med["train"], "train_ratio": med["train"] / ref["train"],
+                    "decode_sentences_per_s": med["decode"], "decode_ratio": med["decode"] / ref["decode"],
+                    "peak_memory_mb": med["memory"] / 2**20,
+                    "memory_ratio": med["memory"] / ref["memory"] if ref["memory"] > 0 else None,
+                })
+        del models, optimizers
+        gc.collect()
+    return results, raw
+
+
+def markdown(results):
+    lines = ["| config | length | system | train tok/s | train × softmax | decode sent/s | decode × softmax "
+             "| peak MB | memory × softmax |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        mem = f"{r['memory_ratio']:.2f}" if r["memory_ratio"] is not None else "–"
+        lines.append(f"| {r['config']} | {r['length']} | {r['system']} | {r['train_tokens_per_s']:.0f} | "
+                     f"{r['train_ratio']:.2f} | {r['decode_sentences_per_s']:.2f} | {r['decode_ratio']:.2f} | "
+                     f"{r['peak_memory_mb']:.0f} | {mem} |")
+    return "\n".join(lines)
+
+
+def environment(args):
+    import fairseq
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "fairseq": fairseq.__version__,
+           "device": args.device, "threads": torch.get_num_threads(), "machine": platform.machine()}
+    if args.device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: seconds")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="model sizes (default: small base)")
+    p.add_argument("--lengths", nargs="+", type=int, help="sequence lengths (default: 16 48)")
+    p.add_argument("--repeats", type=int, help="interleaved rounds of one step (or decode) per system (default 5)")
+    p.add_argument("--train-tokens", type=int, help="target tokens per training batch (default 2048)")
+    p.add_argument("--decode-sentences", type=int, help="sentences per decoding batch (default 16)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS),
+                   help="systems to measure (default: all; softmax, the reference, is always measured)")
+    p.add_argument("--extra", nargs="*", default=[], choices=list(EXTRA_SYSTEMS),
+                   help="also measure these variants: softmax through the plugin, ReLA-g with --rela-fused-norm")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", help="write all measurements and ratios to this file")
+    args = p.parse_args(argv)
+    quick = dict(configs=["tiny"], lengths=[8, 16], repeats=1, train_tokens=256, decode_sentences=4)
+    full = dict(configs=["small", "base"], lengths=[16, 48], repeats=5, train_tokens=2048, decode_sentences=16)
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("repeats", "train_tokens", "decode_sentences"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    if any(length < 2 for length in args.lengths):
+        p.error(f"--lengths must be at least 2, got {args.lengths}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no GPU is available")
+    return args
+
+
+def main(argv=None):
+    import logging
+    import warnings
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, force=True)  # fairseq's imports leave the root logger chatty
+    warnings.filterwarnings("ignore", category=UserWarning)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    started = time.time()
+    results, raw = run(args)
+    table = markdown(results)
+    print(table)
+    print(f"\n{environment(args)}; medians of {args.repeats} interleaved rounds; ratios to fairseq's stock "
+          f"softmax Transformer; {time.time() - started:.0f} s")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"environment": environment(args), "settings": {k: v for k, v in vars(args).items()},
+                       "results": results, "raw": raw}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

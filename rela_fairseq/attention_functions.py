@@ -118,26 +118,23 @@ class Softmax(AttentionFunction):
         return F.softmax(at_least_fp32(scores), dim=-1)  # fp32 at least, as fairseq.utils.softmax
 
 
-class Sparsemax(AttentionFunction):
+class _ExactEntmax(AttentionFunction):
+    """An exact, sort-based mapping of the entmax package; ``name`` is also the package's function name."""
+
+    def __init__(self):
+        super().__init__()
+        self._mapping = getattr(require("entmax", f"--attn-fn {self.name}"), self.name)
+
+    def forward(self, scores):
+        return self._mapping(at_least_fp32(scores), dim=-1)
+
+
+class Sparsemax(_ExactEntmax):
     name = "sparsemax"
 
-    def __init__(self):
-        super().__init__()
-        self._sparsemax = require("entmax", "--attn-fn sparsemax").sparsemax
 
-    def forward(self, scores):
-        return self._sparsemax(at_least_fp32(scores), dim=-1)
-
-
-class Entmax15(AttentionFunction):
+class Entmax15(_ExactEntmax):
     name = "entmax15"
-
-    def __init__(self):
-        super().__init__()
-        self._entmax15 = require("entmax", "--attn-fn entmax15").entmax15
-
-    def forward(self, scores):
-        return self._entmax15(at_least_fp32(scores), dim=-1)
 
 
 class EntmaxAlpha(AttentionFunction):

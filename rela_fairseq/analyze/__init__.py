@@ -10,7 +10,9 @@ Library use::
 Command line: ``rela-analyze {attention,align,aer,plot}`` (``python -m rela_fairseq.analyze``).
 """
 
-from .forced import forced_batches, load_model  # noqa: F401
+from .forced import forced_batches, load_model
+
+__all__ = ["analyse", "forced_batches", "load_model", "score_alignments"]
 
 
 def _progress(task, subset, max_tokens, enabled):

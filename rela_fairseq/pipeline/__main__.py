@@ -5,7 +5,6 @@ scripts/prepare.sh, train.sh, evaluate.sh, reproduce.sh and results.sh call this
 
 import argparse
 import logging
-import os
 import sys
 
 from ..errors import RelaFairseqError

@@ -15,6 +15,7 @@ A member may be omitted when the download itself is the text file (``.gz`` or pl
 
 import gzip
 import io
+import itertools
 import os
 import re
 import shutil
@@ -131,14 +132,15 @@ def read_side(path, fmt=None, column=None):
 
 
 def read_parallel(src_path, tgt_path, item):
-    """(source sentences, target sentences) of one config item, checked to have the same length."""
+    """The (source, target) sentence pairs of one config item, streamed; an error if the sides differ in length."""
     fmt = item.get("format")
-    src = list(read_side(src_path, fmt, item.get("src_column")))
-    tgt = list(read_side(tgt_path, fmt, item.get("tgt_column")))
-    if len(src) != len(tgt):
-        raise CorpusError(f"{item['download']}: {item.get('src')} has {len(src)} sentences but {item.get('tgt')} "
-                          f"has {len(tgt)}")
-    return src, tgt
+    sides = (read_side(src_path, fmt, item.get("src_column")), read_side(tgt_path, fmt, item.get("tgt_column")))
+    for n, (src, tgt) in enumerate(itertools.zip_longest(*sides)):
+        if src is None or tgt is None:
+            longer, shorter = (item.get("src"), item.get("tgt")) if tgt is None else (item.get("tgt"), item.get("src"))
+            raise CorpusError(f"{item['download']}: {longer} has more sentences than {shorter} ({n} pairs read); "
+                              "the two sides must align line by line")
+        yield src, tgt
 
 
 def normalise(line):

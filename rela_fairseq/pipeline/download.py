@@ -80,13 +80,19 @@ def verify(path, checksums):
     return None
 
 
+def local_name(entry):
+    """The file name a ``downloads`` entry is saved under: ``file``, else the address's; a split archive
+    (UNv1.0.en-zh.tar.gz.00 + .01) is saved as one file without the piece suffix."""
+    urls = entry.get("urls") or [entry["url"]]
+    name = entry.get("file") or os.path.basename(urllib.parse.urlparse(urls[0]).path)
+    return name.rsplit(".", 1)[0] if len(urls) > 1 and not entry.get("file") else name
+
+
 def fetch(entry, directory, mirror=None, progress=True):
     """Download one ``downloads`` entry of a task config (``url`` or ``urls`` for a split archive, optional
     ``md5``/``sha256``, optional ``file`` name) into ``directory``; return the file's path. Skips complete files."""
     urls = entry.get("urls") or [entry["url"]]
-    name = entry.get("file") or os.path.basename(urllib.parse.urlparse(urls[0]).path)
-    if len(urls) > 1 and not entry.get("file"):
-        name = name.rsplit(".", 1)[0]  # UNv1.0.en-zh.tar.gz.00 + .01 -> UNv1.0.en-zh.tar.gz
+    name = local_name(entry)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name)
     registry = ChecksumRegistry(directory)

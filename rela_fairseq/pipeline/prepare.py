@@ -5,6 +5,8 @@ temporary name and renamed. A re-run after an interruption therefore skips finis
 cut short, and no half-written file ever looks complete.
 """
 
+import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -14,7 +16,7 @@ import sys
 from tqdm import tqdm
 
 from .corpora import CorpusError, extract_members, normalise, read_parallel
-from .download import fetch
+from .download import fetch, local_name
 
 logger = logging.getLogger("rela_fairseq.pipeline")
 SPLITS = ("train", "valid", "test")
@@ -39,14 +41,26 @@ class Steps:
         logger.info(f"[{step}] done")
 
 
-def write_lines(path, lines):
-    """Write all lines, then rename: the file under its final name is always complete."""
+@contextlib.contextmanager
+def atomic_open(path):
+    """A file written under ``path.tmp`` and renamed to ``path`` only when the block completes: the file under its
+    final name is always complete."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yield f
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def write_lines(path, lines):
+    with atomic_open(path) as f:
         for line in lines:
             f.write(line + "\n")
-    os.replace(tmp, path)
 
 
 def read_lines(path):
@@ -84,7 +98,7 @@ def _generate(task):
 
 def _extract(task):
     data = task["data"]
-    downloads = {name: os.path.join(task.path("downloads"), _file_name(entry))
+    downloads = {name: os.path.join(task.path("downloads"), local_name(entry))
                  for name, entry in data["downloads"].items()}
     members = {}
     for split in SPLITS:
@@ -107,28 +121,24 @@ def _extract(task):
 
     limit = data.get("max_train_sentences")
     for split in SPLITS:
-        src_lines, tgt_lines = [], []
-        for item in data[split]:
-            src, tgt = read_parallel(side_path(item, "src"), side_path(item, "tgt"), item)
-            logger.info(f"{split}: {len(src)} sentence pairs from {item['download']} ({item.get('src')})")
-            src_lines += src
-            tgt_lines += tgt
-        if split == "train" and limit:
-            src_lines, tgt_lines = src_lines[:limit], tgt_lines[:limit]
-        if split == "test":  # the reference exactly as distributed (and as sacrebleu reads it), for scoring
-            write_lines(task.path("raw", "test.ref"), tgt_lines)
-        write_lines(task.path("raw", f"{split}.{task.src}"),
-                    (normalise(x) for x in tqdm(src_lines, desc=f"normalise {split}.{task.src}", unit=" lines",
-                                                mininterval=5, disable=len(src_lines) < 100000)))
-        write_lines(task.path("raw", f"{split}.{task.tgt}"), (normalise(x) for x in tgt_lines))
-
-
-def _file_name(entry):
-    import urllib.parse
-
-    urls = entry.get("urls") or [entry["url"]]
-    name = entry.get("file") or os.path.basename(urllib.parse.urlparse(urls[0]).path)
-    return name.rsplit(".", 1)[0] if len(urls) > 1 and not entry.get("file") else name
+        names = [f"{split}.{task.src}", f"{split}.{task.tgt}"] + (["test.ref"] if split == "test" else [])
+        with contextlib.ExitStack() as stack:
+            files = [stack.enter_context(atomic_open(task.path("raw", name))) for name in names]
+            written = 0
+            for item in data[split]:
+                pairs = read_parallel(side_path(item, "src"), side_path(item, "tgt"), item)
+                if split == "train" and limit:
+                    pairs = itertools.islice(pairs, max(0, limit - written))
+                n = 0
+                for src, tgt in tqdm(pairs, desc=f"{split}: {item['download']}", unit=" pairs", mininterval=5,
+                                     disable=split != "train"):
+                    files[0].write(normalise(src) + "\n")
+                    files[1].write(normalise(tgt) + "\n")
+                    if split == "test":  # the reference exactly as distributed (as sacrebleu reads it), for scoring
+                        files[2].write(tgt + "\n")
+                    n += 1
+                written += n
+                logger.info(f"{split}: {n} sentence pairs from {item['download']} ({item.get('src')})")
 
 
 def _train_sentencepiece(task, workers):
@@ -158,28 +168,39 @@ def _train_sentencepiece(task, workers):
         os.replace(f"{prefix}.{ext}", os.path.join(out, f"spm.{ext}"))
 
 
-def _encode(task, workers):
+def _encode(task, workers, chunk=100_000):
+    """Sentencepiece pieces of every split, in chunks (memory stays flat on corpora of tens of millions of lines);
+    training and validation pairs that are empty, too long or too unequal are dropped, the test set never."""
     import sentencepiece as spm
 
     model = spm.SentencePieceProcessor(model_file=task.path("spm", "spm.model"))
     clean = task.get("clean") or {}
     max_tokens, max_ratio = clean.get("max_tokens", 250), clean.get("max_ratio", 1.5)
     for split in SPLITS:
-        encoded = {}
-        for lang in (task.src, task.tgt):
-            lines = read_lines(task.path("raw", f"{split}.{lang}"))
-            encoded[lang] = [" ".join(p) for p in model.encode(lines, out_type=str, num_threads=workers)]
-        pairs = list(zip(encoded[task.src], encoded[task.tgt]))
-        if split != "test":  # the test set is never filtered
-            kept = [(s, t) for s, t in pairs if _keep(s, t, max_tokens, max_ratio)]
-            logger.info(f"{split}: kept {len(kept)} of {len(pairs)} pairs (1-{max_tokens} pieces, ratio <= {max_ratio})")
-            pairs = kept
-        write_lines(task.path("spm", f"{split}.{task.src}"), (s for s, _ in pairs))
-        write_lines(task.path("spm", f"{split}.{task.tgt}"), (t for _, t in pairs))
+        kept = total = 0
+        with open(task.path("raw", f"{split}.{task.src}"), encoding="utf-8", newline="\n") as fs, \
+                open(task.path("raw", f"{split}.{task.tgt}"), encoding="utf-8", newline="\n") as ft, \
+                atomic_open(task.path("spm", f"{split}.{task.src}")) as out_src, \
+                atomic_open(task.path("spm", f"{split}.{task.tgt}")) as out_tgt:
+            while True:
+                src = [line.rstrip("\n") for line in itertools.islice(fs, chunk)]
+                tgt = [line.rstrip("\n") for line in itertools.islice(ft, chunk)]
+                if not src and not tgt:
+                    break
+                total += len(src)
+                pieces = zip(model.encode(src, out_type=str, num_threads=workers),
+                             model.encode(tgt, out_type=str, num_threads=workers))
+                for s_pieces, t_pieces in pieces:
+                    if split != "test" and not _keep(len(s_pieces), len(t_pieces), max_tokens, max_ratio):
+                        continue
+                    out_src.write(" ".join(s_pieces) + "\n")
+                    out_tgt.write(" ".join(t_pieces) + "\n")
+                    kept += 1
+        if split != "test":
+            logger.info(f"{split}: kept {kept} of {total} pairs (1-{max_tokens} pieces, ratio <= {max_ratio})")
 
 
-def _keep(src, tgt, max_tokens, max_ratio):
-    n, m = len(src.split()), len(tgt.split())
+def _keep(n, m, max_tokens, max_ratio):
     return 0 < n <= max_tokens and 0 < m <= max_tokens and max(n, m) <= max_ratio * min(n, m)
 
 

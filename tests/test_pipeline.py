@@ -81,6 +81,13 @@ def test_main_job_report_on_quick_toy(quick_root):
     assert softmax_sparsity[0] == "0.0%" and softmax_sparsity[1] != "0.0%"
     plots = sorted(os.listdir(quick_root / "results" / "toy-quick" / "plots"))
     assert {"sparsity.png", "null_rate.png", "aer_by_layer.png"} <= set(plots)
+    # results.sh gathers the JSON results into the paper-style table
+    table = run_script("results.sh", "--output", quick_root / "results.md", env=env).stdout
+    assert "| system | toy (QUICK) |" in table
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert re.match(r"\| softmax \| \d+\.\d \|", rows["softmax"]) and re.match(r"\| ReLA-g \| \d+\.\d \|", rows["ReLA-g"])
+    assert "nrefs:1|case:mixed|eff:no|tok:13a" in table
+    assert (quick_root / "results.md").read_text().strip() == table.strip()
 
 
 def test_train_resumes_after_being_killed(quick_root):

@@ -2,7 +2,8 @@
 
 Only the step from scores to output differs from fairseq, so that is all this class overrides: fairseq's own
 ``forward(..., before_softmax=True)`` does the projections, the scaling, the key/value cache of incremental decoding,
-the beam-reduced cross-attention and the masks, and hands back the masked scores and the values. Parameter names stay
+the beam-reduced cross-attention and the causal mask, and hands back the scores and the values; the padding mask is
+applied here, in place, where no cache holds it. Parameter names stay
 fairseq's (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``); the attention function adds its own under ``attn_fn``.
 """
 

@@ -36,9 +36,9 @@ GAIN_INITS = ("ones", "xavier")
 def rectify(scores, activation="relu"):
     """Steps 3-4: ReLU of the scores.
 
-    fairseq's attention hands over masked scores as -inf; ReLU(-inf) is exactly 0 with gradient 0, the same value and
-    gradient as the spec's "masked score := 0, then ReLU", without another pass over the scores. ``relu2`` is the
-    squared ReLU of the ablations.
+    Masked scores arrive as exactly 0 (padding, set in place by ``RelaMultiheadAttention``) or as -inf (fairseq's
+    causal mask, and masks kept with the key/value cache in decoding); ReLU maps both to exactly 0 with gradient 0:
+    the spec's "masked score := 0, then ReLU". ``relu2`` is the squared ReLU of the ablations.
     """
     weights = F.relu(scores)
     if activation == "relu2":

@@ -2,9 +2,10 @@
 """Training and decoding speed, and peak memory, of every attention function against fairseq's stock Transformer.
 
 One process measures all systems on the same synthetic batches, interleaving them (the order rotates every
-repeat) and reporting medians and ratios to softmax. The softmax reference is fairseq's own ``transformer`` with its
-fastest path (fused kernels included), not softmax routed through rela_fairseq; every other system is
-``transformer_rela`` with the same sizes and dropout (0.1 everywhere, as in the paper).
+repeat) and reporting medians, and ratios to softmax as the median of the ratios within each round. The softmax
+reference is fairseq's own ``transformer`` with its fastest path (fused kernels included), not softmax routed through
+rela_fairseq; every other system is ``transformer_rela`` with the same sizes and dropout (0.1 everywhere, as in the
+paper).
 
 * training: target tokens per second over forward + backward + Adam step (label-smoothed loss);
 * decoding: sentences per second with fairseq's SequenceGenerator, beam 4, every output exactly --decode-length
@@ -243,19 +244,33 @@ def run(args):
                         f"{s} {cell[s][kind][-1]:.1f}" for s in systems), file=sys.stderr, flush=True)
             for system in systems:
                 cell[system]["memory"].append(peak_training_memory(models[system], optimizers[system], batch, device))
-            ref = {k: statistics.median(cell["softmax"][k]) for k in ("train", "decode", "memory")}
-            for system in systems:
-                med = {k: statistics.median(cell[system][k]) for k in ("train", "decode", "memory")}
-                results.append({
-                    "config": config, "length": length, "system": system, "parameters": params[system],
-                    "train_tokens_per_s": med["train"], "train_ratio": med["train"] / ref["train"],
-                    "decode_sentences_per_s": med["decode"], "decode_ratio": med["decode"] / ref["decode"],
-                    "peak_memory_mb": med["memory"] / 2**20,
-                    "memory_ratio": med["memory"] / ref["memory"] if ref["memory"] > 0 else None,
-                })
+            results += summarize(cell, config, length, params)
         del models, optimizers
         gc.collect()
     return results, raw
+
+
+def summarize(cell, config, length, params):
+    """One row per system: median throughputs, and ratios to softmax as the median of the per-round ratios.
+
+    Each round runs every system back to back, so a ratio within a round compares measurements taken under the same
+    machine load; the median over rounds then discards the rounds that a burst of load hit unevenly."""
+    def ratio(system, kind):
+        pairs = [mine / ref for mine, ref in zip(cell[system][kind], cell["softmax"][kind]) if ref > 0]
+        return statistics.median(pairs) if pairs else None
+
+    rows = []
+    ref_memory = statistics.median(cell["softmax"]["memory"])
+    for system in cell:
+        med = {k: statistics.median(cell[system][k]) for k in ("train", "decode", "memory")}
+        rows.append({
+            "config": config, "length": length, "system": system, "parameters": params[system],
+            "train_tokens_per_s": med["train"], "train_ratio": ratio(system, "train"),
+            "decode_sentences_per_s": med["decode"], "decode_ratio": ratio(system, "decode"),
+            "peak_memory_mb": med["memory"] / 2**20,
+            "memory_ratio": med["memory"] / ref_memory if ref_memory > 0 else None,
+        })
+    return rows
 
 
 def markdown(results):
@@ -324,8 +339,8 @@ def main(argv=None):
     results, raw = run(args)
     table = markdown(results)
     print(table)
-    print(f"\n{environment(args)}; medians of {args.repeats} interleaved rounds; ratios to fairseq's stock "
-          f"softmax Transformer; {time.time() - started:.0f} s")
+    print(f"\n{environment(args)}; medians of {args.repeats} interleaved rounds; ratios: median over "
+          f"rounds of the ratio to fairseq's stock softmax Transformer in that round; {time.time() - started:.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"environment": environment(args), "settings": {k: v for k, v in vars(args).items()},

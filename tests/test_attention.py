@@ -268,12 +268,25 @@ def test_memory_saving_rms_norm_equals_the_reference_formula(gate, scope_width):
     gate_weight = torch.randn(EMBED, requires_grad=True) if gate else None
     params = [p for p in (heads, weight, gate_weight) if p is not None]
     out = GatedRMSNorm.apply(heads, weight, gate_weight, scope_width)
-    grads = torch.autograd.grad(out.square().sum(), params)
+    grads = torch.autograd.grad(out.square().sum(), params, retain_graph=True)
     ref = rela_norm_reference(heads, weight, None, gate_weight, "rms", scope_width)
-    ref_grads = torch.autograd.grad(ref.square().sum(), params)
+    ref_grads = torch.autograd.grad(ref.square().sum(), params, retain_graph=True)
     torch.testing.assert_close(out, ref)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    # the in-place backward leaves the incoming gradient alone, also when it is a broadcast view (from .sum())
+    upstream = torch.randn_like(out)
+    kept = upstream.clone()
+    grads = torch.autograd.grad(out, params, upstream, retain_graph=True)
+    ref_grads = torch.autograd.grad(ref, params, kept, retain_graph=True)
+    torch.testing.assert_close(upstream, kept, rtol=0, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    for g, r in zip(torch.autograd.grad(out.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    double = [p.detach().double().requires_grad_() for p in params]
+    assert torch.autograd.gradcheck(
+        lambda h, w, *gw: GatedRMSNorm.apply(h, w, gw[0] if gw else None, scope_width), double)
     with torch.no_grad():  # the decoding path (no autograd.Function) gives the same
         torch.testing.assert_close(GatedRMSNorm.compute(heads, weight, gate_weight, scope_width)[0], ref)
     # it keeps the input and one number per row for the backward pass, not the intermediate tensors

@@ -32,3 +32,26 @@ def test_benchmark_rejects_bad_arguments():
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "speed.py"), "--repeats", "0"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "--repeats must be at least 1, got 0" in proc.stderr
+
+
+def test_step_profile_separates_relas_own_operators(tmp_path):
+    """profile_step.py: per-operator self times of one training step, ReLA-g against stock softmax."""
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"), "--config", "tiny",
+                           "--length", "8", "--train-tokens", "64", "--steps", "1", "--json", out],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| operator | softmax ms | rela_g ms | difference ms |" in proc.stdout
+    data = json.loads(out.read_text())
+    assert set(data["seconds_per_step"]) == {"softmax", "rela_g"}
+    ops = {row["op"]: row for row in data["ops"]}
+    # the gated norm runs only in ReLA-g, the attention softmax only in the stock model
+    assert ops["GatedRMSNorm"]["softmax_ms"] == 0 and ops["GatedRMSNorm"]["system_ms"] > 0
+    assert ops["aten::_softmax"]["system_ms"] == 0 and ops["aten::_softmax"]["softmax_ms"] > 0
+    assert ops["aten::addmm"]["softmax_ms"] > 0 and ops["aten::addmm"]["system_ms"] > 0
+
+
+def test_step_profile_rejects_bad_arguments():
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"), "--system", "relu"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "invalid choice: 'relu'" in proc.stderr and "rela_g" in proc.stderr

@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Where the time of one training step goes: an attention function against fairseq's stock softmax, op by op.
+
+Builds both models exactly as ``speed.py`` does (same sizes, same synthetic batch), warms them up, then profiles
+``--steps`` training steps of each with torch.profiler, alternating the two, and prints the operators whose self time
+differs most, with the wall time per step of each. Operators with the same shapes in both models (the matrix
+products) differ only by noise; the ones that exist in one model only (``sigmoid_``, ``GatedRMSNorm*`` for ReLA-g,
+``_softmax`` for softmax) are the attention function's own cost.
+
+    python benchmarks/profile_step.py                       # ReLA-g vs softmax, Transformer-base, 48 tokens
+    python benchmarks/profile_step.py --system rela_i --length 16 --json profile.json
+"""
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import speed  # noqa: E402  the same models and batches as the benchmark
+
+
+def profile_steps(model, optimizer, batch, totals):
+    """One profiled training step; adds each operator's self CPU time (ms) to ``totals``; returns wall seconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if batch["target"].is_cuda else [])
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        speed.train_step(model, optimizer, batch)
+        speed.sync(batch["target"].device)
+        elapsed = time.perf_counter() - started
+    for event in prof.key_averages():
+        totals[event.key] += event.self_cpu_time_total / 1e3
+    return elapsed
+
+
+def run(args):
+    device = torch.device(args.device)
+    dictionary = speed.Dictionary(speed.CONFIGS[args.config]["vocab"]).d
+    batch = speed.make_batch(dictionary, args.train_tokens, args.length, device, seed=args.length)
+    systems = ["softmax", args.system]
+    models = {s: speed.build(s, args.config, dictionary, device) for s in systems}
+    optimizers = {s: torch.optim.Adam(m.parameters(), lr=1e-4) for s, m in models.items()}
+    for system in systems:  # warm-up, and Adam's state
+        speed.time_training_step(models[system], optimizers[system], batch, device)
+    totals = {s: collections.defaultdict(float) for s in systems}
+    wall = {s: 0.0 for s in systems}
+    for step in range(args.steps):
+        for system in systems if step % 2 == 0 else systems[::-1]:
+            models[system].train()
+            wall[system] += profile_steps(models[system], optimizers[system], batch, totals[system])
+    per_step = {s: {op: ms / args.steps for op, ms in totals[s].items()} for s in systems}
+    ops = sorted(set(per_step["softmax"]) | set(per_step[args.system]),
+                 key=lambda op: -abs(per_step[args.system].get(op, 0.0) - per_step["softmax"].get(op, 0.0)))
+    rows = [{"op": op, "softmax_ms": per_step["softmax"].get(op, 0.0), "system_ms": per_step[args.system].get(op, 0.0)}
+            for op in ops]
+    return {"settings": vars(args), "ntokens": batch["ntokens"],
+            "seconds_per_step": {s: wall[s] / args.steps for s in systems},
+            "self_ms_per_step": {s: sum(per_step[s].values()) for s in systems}, "ops": rows}
+
+
+def report(result, top):
+    system = result["settings"]["system"]
+    sec = result["seconds_per_step"]
+    lines = [f"one training step, {result['ntokens']} target tokens, profiled: softmax {sec['softmax']:.3f} s, "
+             f"{system} {sec[system]:.3f} s ({sec['softmax'] / sec[system]:.3f}x softmax's speed)",
+             "", f"| operator | softmax ms | {system} ms | difference ms |", "|---|---|---|---|"]
+    for row in result["ops"][:top]:
+        lines.append(f"| {row['op'][:60]} | {row['softmax_ms']:.1f} | {row['system_ms']:.1f} | "
+                     f"{row['system_ms'] - row['softmax_ms']:+.1f} |")
+    self_ms = result["self_ms_per_step"]
+    lines.append(f"| all operators | {self_ms['softmax']:.1f} | {self_ms[system]:.1f} | "
+                 f"{self_ms[system] - self_ms['softmax']:+.1f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--system", default="rela_g", choices=[s for s in {**speed.SYSTEMS, **speed.EXTRA_SYSTEMS}
+                                                          if s != "softmax"],
+                   help="compared with fairseq's stock softmax Transformer (default rela_g)")
+    p.add_argument("--config", default="base", choices=list(speed.CONFIGS), help="model size (default base)")
+    p.add_argument("--length", type=int, default=48, help="sequence length (default 48)")
+    p.add_argument("--train-tokens", type=int, default=2048, help="target tokens per batch (default 2048)")
+    p.add_argument("--steps", type=int, default=2, help="profiled steps per system (default 2)")
+    p.add_argument("--top", type=int, default=25, help="operators shown (default 25)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    p.add_argument("--json", help="write the whole profile to this file")
+    args = p.parse_args(argv)
+    for key in ("length", "train_tokens", "steps", "top"):
+        minimum = 2 if key == "length" else 1
+        if getattr(args, key) < minimum:
+            p.error(f"--{key.replace('_', '-')} must be at least {minimum}, got {getattr(args, key)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no GPU is available")
+    return args
+
+
+def main(argv=None):
+    import logging
+    import warnings
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, force=True)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch.manual_seed(1)
+    result = run(args)
+    print(report(result, args.top))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

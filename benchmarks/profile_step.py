@@ -93,22 +93,13 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--json", help="write the whole profile to this file")
     args = p.parse_args(argv)
-    for key in ("length", "train_tokens", "steps", "top"):
-        minimum = 2 if key == "length" else 1
-        if getattr(args, key) < minimum:
-            p.error(f"--{key.replace('_', '-')} must be at least {minimum}, got {getattr(args, key)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no GPU is available")
+    speed.check_arguments(p, args, {"length": 2, "train_tokens": 1, "steps": 1, "top": 1})
     return args
 
 
 def main(argv=None):
-    import logging
-    import warnings
-
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, force=True)
-    warnings.filterwarnings("ignore", category=UserWarning)
+    speed.quiet_logging()
     torch.manual_seed(1)
     result = run(args)
     print(report(result, args.top))

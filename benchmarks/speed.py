@@ -316,23 +316,31 @@ def parse_args(argv=None):
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("repeats", "train_tokens", "decode_sentences"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    if any(length < 2 for length in args.lengths):
-        p.error(f"--lengths must be at least 2, got {args.lengths}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no GPU is available")
+    check_arguments(p, args, {"repeats": 1, "train_tokens": 1, "decode_sentences": 1, "lengths": 2})
     return args
 
 
-def main(argv=None):
+def check_arguments(parser, args, minimums):
+    """Reject a number (or any number of a list) below its minimum, and --device cuda without a GPU, naming them."""
+    for key, minimum in minimums.items():
+        value = getattr(args, key)
+        if min(value if isinstance(value, list) else [value]) < minimum:
+            parser.error(f"--{key.replace('_', '-')} must be at least {minimum}, got {value}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU is available")
+
+
+def quiet_logging():
     import logging
     import warnings
 
-    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, force=True)  # fairseq's imports leave the root logger chatty
     warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    quiet_logging()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     started = time.time()

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import speed  # noqa: E402  the same models and batches as the benchmark
 
 
-def profile_steps(model, optimizer, batch, totals):
+def profiled_step(model, optimizer, batch, totals):
     """One profiled training step; adds each operator's self CPU time (ms) to ``totals``; returns wall seconds."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -53,7 +53,7 @@ def run(args):
     for step in range(args.steps):
         for system in systems if step % 2 == 0 else systems[::-1]:
             models[system].train()
-            wall[system] += profile_steps(models[system], optimizers[system], batch, totals[system])
+            wall[system] += profiled_step(models[system], optimizers[system], batch, totals[system])
     per_step = {s: {op: ms / args.steps for op, ms in totals[s].items()} for s in systems}
     ops = sorted(set(per_step["softmax"]) | set(per_step[args.system]),
                  key=lambda op: -abs(per_step[args.system].get(op, 0.0) - per_step["softmax"].get(op, 0.0)))

@@ -31,9 +31,14 @@ def toy_bin(toy_raw, tmp_path_factory):
     return out
 
 
+def train_args(data, save_dir, max_update, *extra):
+    """fairseq-train's arguments for a tiny model on ``data``."""
+    return [data, *TINY_TRAIN_ARGS, "--save-dir", save_dir, "--max-update", max_update, "--save-interval-updates", 5,
+            *extra]
+
+
 def train(data, save_dir, max_update, *extra, check=True):
-    return run_cli("fairseq-train", data, *TINY_TRAIN_ARGS, "--save-dir", save_dir, "--max-update", max_update,
-                   "--save-interval-updates", 5, *extra, check=check)
+    return run_cli("fairseq-train", *train_args(data, save_dir, max_update, *extra), check=check)
 
 
 def last_num_updates(log):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from conftest import TINY_SIZES, train
-from helpers import TINY_TRAIN_ARGS, USER_DIR, finish_cli, parse_generate_output, run_cli, start_cli
+from conftest import TINY_SIZES, train, train_args
+from helpers import USER_DIR, finish_cli, parse_generate_output, run_cli, start_cli
 from rela_fairseq.systems import SYSTEMS
 
 
@@ -63,8 +63,8 @@ def test_generation_runs_our_attention_not_softmax(trained, toy_bin, tmp_path):
 def test_bad_attention_options_are_rejected_at_argument_parsing(toy_bin, tmp_path):
     bad = (("--attn-fn", "relu"), ("--cross-attn-fn", "linear"), ("--rela-variant", "gate"), ("--rela-norm", "batch"),
            ("--rela-activation", "gelu"))
-    procs = [start_cli("fairseq-train", toy_bin, *TINY_TRAIN_ARGS, "--save-dir", tmp_path / "never", "--max-update", 1,
-                       option, value) for option, value in bad]
+    procs = [start_cli("fairseq-train", *train_args(toy_bin, tmp_path / "never", 1, option, value))
+             for option, value in bad]
     for (option, value), started in zip(bad, procs):
         proc = finish_cli(started, check=False)
         assert proc.returncode != 0
@@ -100,8 +100,8 @@ def test_missing_entmax_names_the_install_command(toy_bin, tmp_path):
     hide = tmp_path / "hide_entmax"
     hide.mkdir()
     (hide / "entmax.py").write_text("raise ImportError('No module named entmax')\n")
-    proc = run_cli("fairseq-train", toy_bin, *TINY_TRAIN_ARGS, "--save-dir", tmp_path / "ck", "--max-update", 1,
-                   "--attn-fn", "sparsemax", check=False, env={"PYTHONPATH": str(hide)})
+    proc = run_cli("fairseq-train", *train_args(toy_bin, tmp_path / "ck", 1, "--attn-fn", "sparsemax"), check=False,
+                   env={"PYTHONPATH": str(hide)})
     assert proc.returncode != 0
     assert ("rela_fairseq: error: --attn-fn sparsemax needs the 'entmax' package, which is not installed; "
             "install it with: pip install entmax") in proc.stderr

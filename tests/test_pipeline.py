@@ -33,9 +33,12 @@ def script_env(tmp, **extra):
     return env
 
 
+def script_command(name, *args):
+    return ["bash", os.path.join(SCRIPTS, name), *map(str, args)]
+
+
 def run_script(name, *args, env, check=True, timeout=900):
-    proc = subprocess.run(["bash", os.path.join(SCRIPTS, name), *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    proc = subprocess.run(script_command(name, *args), capture_output=True, text=True, env=env, timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(f"{name} {' '.join(map(str, args))} exited with {proc.returncode}\n{proc.stderr[-4000:]}")
     return proc
@@ -145,8 +148,8 @@ def test_bad_arguments_exit_nonzero_naming_them(tmp_path, args, message):
 def test_every_script_has_help(tmp_path):
     names = ("prepare.sh", "train.sh", "evaluate.sh", "reproduce.sh", "results.sh", "setup_env.sh", "test.sh",
              "toy_demo.sh")
-    procs = {name: subprocess.Popen(["bash", os.path.join(SCRIPTS, name), "--help"], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, env=script_env(tmp_path)) for name in names}
+    procs = {name: subprocess.Popen(script_command(name, "--help"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=script_env(tmp_path)) for name in names}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and out.strip(), f"{name}: {err[-1000:]}"

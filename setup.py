@@ -34,7 +34,7 @@ setup(
     ],
     extras_require={
         "analysis": ["matplotlib>=3.5"],
-        "test": ["pytest>=7", "matplotlib>=3.5"],
+        "test": ["pytest>=7", "matplotlib>=3.5", "ruff==0.17.6"],
     },
     entry_points={
         "console_scripts": [

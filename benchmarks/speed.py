@@ -68,8 +68,9 @@ class Task:
 
 
 def build(system, config, dictionary, device, seed=1):
-    import rela_fairseq  # noqa: F401  registers transformer_rela
     from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
+
+    import rela_fairseq  # noqa: F401  registers transformer_rela
 
     arch, options = {**SYSTEMS, **EXTRA_SYSTEMS}[system]
     c = CONFIGS[config]
@@ -296,7 +297,8 @@ def environment(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: seconds")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="model sizes (default: small base)")
     p.add_argument("--lengths", nargs="+", type=int, help="sequence lengths (default: 16 48)")

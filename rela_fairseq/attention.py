@@ -7,23 +7,30 @@ applied here, in place, where no cache holds it. Parameter names stay
 fairseq's (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``); the attention function adds its own under ``attn_fn``.
 """
 
+from __future__ import annotations
+
+from typing import Optional
+
 import torch
 from fairseq.modules import MultiheadAttention
+from torch import Tensor, nn
 
-from .attention_functions import Softmax
+from .attention_functions import AttentionFunction, Softmax
 from .rela import at_least_fp32
 
 
 class RelaMultiheadAttention(MultiheadAttention):
-    def __init__(self, embed_dim, num_heads, *, attn_fn, **kwargs):
+    def __init__(self, embed_dim: int, num_heads: int, *, attn_fn: AttentionFunction, **kwargs):
         super().__init__(embed_dim, num_heads, **kwargs)  # keywords only: fairseq main adds a positional argument
         self.attn_fn = attn_fn
         # Analysis hook: when True, every forward keeps its pre-dropout fp32 weights [B, H, T, S] in last_attn.
         self.store_attn = False
         self.last_attn = None
 
-    def forward(self, query, key, value, key_padding_mask=None, incremental_state=None, need_weights=True,
-                static_kv=False, attn_mask=None, before_softmax=False, need_head_weights=False):
+    def forward(self, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
+                key_padding_mask: Optional[Tensor] = None, incremental_state: Optional[dict] = None,
+                need_weights: bool = True, static_kv: bool = False, attn_mask: Optional[Tensor] = None,
+                before_softmax: bool = False, need_head_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         if isinstance(self.attn_fn, Softmax) and not (need_head_weights or self.store_attn):
             # fairseq's stock path, fused kernels included: --attn-fn softmax is the stock Transformer.
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
@@ -59,8 +66,9 @@ class RelaMultiheadAttention(MultiheadAttention):
             return out, weights.transpose(0, 1)  # [H, B, T, S], as fairseq
         return out, (weights.mean(dim=1) if need_weights else None)
 
-    def _masked_scores_and_values(self, query, key, value, key_padding_mask, incremental_state, static_kv,
-                                  attn_mask):
+    def _masked_scores_and_values(self, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
+                                  key_padding_mask: Optional[Tensor], incremental_state: Optional[dict],
+                                  static_kv: bool, attn_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """fairseq's forward up to the softmax: scores [B*H, T, S] with masked keys at the attention function's
         ``masked_score`` (0 for ReLA, -inf otherwise), and values.
 
@@ -84,7 +92,7 @@ class RelaMultiheadAttention(MultiheadAttention):
         return scores, v
 
 
-def set_store_attn(model, enabled=True):
+def set_store_attn(model: nn.Module, enabled: bool = True) -> list[RelaMultiheadAttention]:
     """Make every attention module of ``model`` keep its last weights in ``last_attn`` (analysis only)."""
     modules = [m for m in model.modules() if isinstance(m, RelaMultiheadAttention)]
     for module in modules:

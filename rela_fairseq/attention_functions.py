@@ -18,7 +18,10 @@ Each module records its settings in the checkpoint (``get_extra_state``); loadin
 fails with a message naming both, unless ``allow_change`` is set and the parameters still fit.
 """
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +29,9 @@ from torch import nn
 
 from .errors import AttentionSettingsError, RelaConfigError, require
 from .rela import RelaNorm, at_least_fp32, rectify
+
+if TYPE_CHECKING:
+    from .settings import AttentionSettings
 
 STOCK_SETTINGS = {"attn_fn": "softmax", "params": []}  # what a stock fairseq checkpoint (no record) holds
 
@@ -35,29 +41,29 @@ class AttentionFunction(nn.Module):
     sums_to_one = True
     masked_score = float("-inf")  # what a masked (padding, future) score is set to before the mapping
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.allow_change = False  # set by the model builder from --allow-attn-fn-change
 
-    def forward(self, scores):
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
         """scores [B, H, T, S] -> weights [B, H, T, S] (fp32 or the scores' dtype)."""
         raise NotImplementedError
 
-    def combine(self, heads):
+    def combine(self, heads: torch.Tensor) -> torch.Tensor:
         """Post-process the concatenated head outputs [T, B, d]; identity except for ReLA."""
         return heads
 
-    def settings(self):
+    def settings(self) -> dict:
         """What must match between a checkpoint and the model it is loaded into (primitive values only)."""
         return {"attn_fn": self.name, "params": sorted(name for name, _ in self.named_parameters())}
 
-    def describe(self):
+    def describe(self) -> str:
         return self.name
 
-    def get_extra_state(self):
+    def get_extra_state(self) -> dict:
         return self.settings()
 
-    def set_extra_state(self, state):
+    def set_extra_state(self, state: dict) -> None:
         pass  # compared in _load_from_state_dict, where the module's name is known
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -72,7 +78,7 @@ class AttentionFunction(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def _check_settings(self, recorded, where):
+    def _check_settings(self, recorded: dict, where: str) -> None:
         mine = self.settings()
         if recorded == mine:
             return
@@ -98,11 +104,11 @@ class AttentionFunction(nn.Module):
         raise AttentionSettingsError(msg)
 
 
-def _param_names_under(state_dict, prefix):
+def _param_names_under(state_dict: dict, prefix: str) -> list[str]:
     return sorted(k[len(prefix):] for k in state_dict if k.startswith(prefix) and not k.endswith("_extra_state"))
 
 
-def _describe_settings(settings):
+def _describe_settings(settings: dict) -> str:
     name = settings.get("attn_fn", "?")
     if name == "rela":
         gate = "gated" if settings.get("gate") else "no gate"
@@ -114,18 +120,18 @@ def _describe_settings(settings):
 class Softmax(AttentionFunction):
     name = "softmax"
 
-    def forward(self, scores):
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
         return F.softmax(at_least_fp32(scores), dim=-1)  # fp32 at least, as fairseq.utils.softmax
 
 
 class _ExactEntmax(AttentionFunction):
     """An exact, sort-based mapping of the entmax package; ``name`` is also the package's function name."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self._mapping = getattr(require("entmax", f"--attn-fn {self.name}"), self.name)
 
-    def forward(self, scores):
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
         return self._mapping(at_least_fp32(scores), dim=-1)
 
 
@@ -147,18 +153,20 @@ class EntmaxAlpha(AttentionFunction):
     name = "entmax_alpha"
     MIN_ALPHA = 1.01
 
-    def __init__(self, num_heads, alpha_init=1.5, n_iter=25):
+    def __init__(self, num_heads: int, alpha_init: float, n_iter: int):
         super().__init__()
         if not 1.0 < alpha_init < 2.0:
             raise RelaConfigError(f"--entmax-alpha-init must lie in (1, 2), got {alpha_init}")
+        if n_iter < 1:
+            raise RelaConfigError(f"--entmax-bisect-iters must be at least 1, got {n_iter}")
         self._entmax_bisect = require("entmax", "--attn-fn entmax_alpha").entmax_bisect
         self.n_iter = n_iter
         self.pre_alpha = nn.Parameter(torch.full((num_heads,), math.log((alpha_init - 1) / (2 - alpha_init))))
 
-    def alpha(self):
+    def alpha(self) -> torch.Tensor:
         return (1.0 + torch.sigmoid(self.pre_alpha)).clamp(min=self.MIN_ALPHA)
 
-    def forward(self, scores):
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
         scores = at_least_fp32(scores)
         alpha = self.alpha().to(scores.dtype).view(1, -1, 1, 1)
         return self._entmax_bisect(scores, alpha, dim=-1, n_iter=self.n_iter)
@@ -169,49 +177,39 @@ class Rela(AttentionFunction):
 
     name = "rela"
     sums_to_one = False
-    masked_score = 0.0  # spec step 3: masked scores become exactly 0 (not -inf) before the ReLU
+    masked_score = 0.0  # masked scores become exactly 0 (not -inf) before the ReLU (docs/method.md, step 3)
 
-    def __init__(self, embed_dim, num_heads, activation="relu", norm="rms", norm_scope="all", gate=True,
-                 gain_init="ones", fused_norm=False):
+    def __init__(self, embed_dim: int, num_heads: int, settings: AttentionSettings):
         super().__init__()
-        if activation not in ("relu", "relu2"):
-            raise RelaConfigError(f"unknown --rela-activation {activation!r}; choose one of relu, relu2")
-        self.activation = activation
-        self.norm = RelaNorm(embed_dim, num_heads, norm=norm, scope=norm_scope, gate=gate, gain_init=gain_init,
-                             fused=fused_norm)
+        self.activation = settings.rela_activation
+        self.norm = RelaNorm(embed_dim, num_heads, norm=settings.rela_norm, scope=settings.rela_norm_scope,
+                             gate=settings.rela_variant == "gated", gain_init=settings.gain_init,
+                             fused=settings.rela_fused_norm)
 
-    def forward(self, scores):
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
         return rectify(scores, self.activation)
 
-    def combine(self, heads):
+    def combine(self, heads: torch.Tensor) -> torch.Tensor:
         return self.norm(heads)
 
-    def settings(self):
+    def settings(self) -> dict:
         return dict(super().settings(), activation=self.activation, norm=self.norm.norm, norm_scope=self.norm.scope,
                     gate=self.norm.gate_weight is not None)
 
-    def describe(self):
+    def describe(self) -> str:
         return _describe_settings(self.settings())
 
 
 ATTENTION_FUNCTIONS = {cls.name: cls for cls in (Softmax, Sparsemax, Entmax15, EntmaxAlpha, Rela)}
-ATTN_FN_CHOICES = tuple(ATTENTION_FUNCTIONS)
-RELA_VARIANTS = ("gated", "init")  # ReLA-g, ReLA-i
 
 
-def build_attention_function(name, embed_dim, num_heads, rela_variant="gated", rela_norm="rms", rela_norm_scope="all",
-                             rela_gain_init=None, rela_activation="relu", rela_fused_norm=False, entmax_alpha_init=1.5,
-                             entmax_bisect_iters=25):
-    """Build one attention function from the command-line settings (see ``models.add_rela_args``)."""
-    if name not in ATTENTION_FUNCTIONS:
-        raise RelaConfigError(f"unknown attention function {name!r}; choose one of {', '.join(ATTN_FN_CHOICES)}")
-    if name == "rela":
-        if rela_variant not in RELA_VARIANTS:
-            raise RelaConfigError(f"unknown --rela-variant {rela_variant!r}; choose one of {', '.join(RELA_VARIANTS)}")
-        gated = rela_variant == "gated"
-        gain_init = rela_gain_init or ("ones" if gated else "xavier")
-        return Rela(embed_dim, num_heads, activation=rela_activation, norm=rela_norm, norm_scope=rela_norm_scope,
-                    gate=gated, gain_init=gain_init, fused_norm=rela_fused_norm)
-    if name == "entmax_alpha":
-        return EntmaxAlpha(num_heads, alpha_init=entmax_alpha_init, n_iter=entmax_bisect_iters)
-    return ATTENTION_FUNCTIONS[name]()
+def build_attention_function(embed_dim: int, num_heads: int, settings: AttentionSettings) -> AttentionFunction:
+    """One attention function as ``settings`` (one attention type's, ``AttentionSettings.of``) define it."""
+    if settings.attn_fn == "rela":
+        fn = Rela(embed_dim, num_heads, settings)
+    elif settings.attn_fn == "entmax_alpha":
+        fn = EntmaxAlpha(num_heads, alpha_init=settings.entmax_alpha_init, n_iter=settings.entmax_bisect_iters)
+    else:
+        fn = ATTENTION_FUNCTIONS[settings.attn_fn]()
+    fn.allow_change = settings.allow_attn_fn_change
+    return fn

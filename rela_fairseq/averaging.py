@@ -9,6 +9,8 @@ history) comes from the newest input.
     rela-average-checkpoints --inputs CHECKPOINT_DIR --num-update-checkpoints 5 --output averaged.pt
 """
 
+from __future__ import annotations
+
 import argparse
 import collections
 import os
@@ -18,29 +20,50 @@ import sys
 import torch
 
 from .errors import RelaFairseqError
+from .files import atomic_path
+
+CHECKPOINT_NAMES = {  # kind -> file name pattern; group 1 is the epoch or update number in the name
+    "update": re.compile(r"checkpoint_\d+_(\d+)\.pt$"),
+    "epoch": re.compile(r"checkpoint(\d+)\.pt$"),
+    "last": re.compile(r"checkpoint_last\.pt$"),
+}
 
 
-def last_checkpoints(directory, n, kind="update", upper_bound=None):
-    """The newest ``n`` epoch (``checkpointE.pt``) or update (``checkpoint_E_U.pt``) checkpoints, newest first."""
-    pattern = re.compile(r"checkpoint(\d+)\.pt$" if kind == "epoch" else r"checkpoint_\d+_(\d+)\.pt$")
-    found = []
-    for name in os.listdir(directory):
-        match = pattern.fullmatch(name)
-        if match and (upper_bound is None or int(match.group(1)) <= upper_bound):
-            found.append((int(match.group(1)), os.path.join(directory, name)))
-    found.sort(reverse=True)
-    if len(found) < n:
-        raise RelaFairseqError(f"{directory} holds {len(found)} {kind} checkpoints, fewer than the {n} to average "
-                               f"(found: {', '.join(os.path.basename(p) for _, p in found) or 'none'})")
-    return [path for _, path in found[:n]]
+def checkpoint_updates(path: str) -> int:
+    """The number of updates a checkpoint was saved at (memory-mapped: the weights are not read)."""
+    state = _load(path, mmap=True)
+    return int(state["optimizer_history"][-1]["num_updates"])
 
 
-def _load(path):
+def newest_checkpoints(directory: str, n: int, kinds=("update", "epoch", "last"), upper_bound: int | None = None,
+                       at_least: int | None = None) -> list[str]:
+    """The ``n`` checkpoints of the given kinds with the most updates, newest first (ranked by the number of updates
+    stored in each: fairseq writes no update checkpoint at an epoch end, so the newest states may be in epoch
+    checkpoints or only in checkpoint_last.pt; each state counts once). ``upper_bound`` ignores checkpoints whose name
+    carries a larger update or epoch number. Fewer than ``at_least`` (default ``n``) found is an error."""
+    by_updates: dict[int, str] = {}
+    for name in sorted(os.listdir(directory)):
+        for kind in kinds:
+            match = CHECKPOINT_NAMES[kind].fullmatch(name)
+            if not match:
+                continue
+            if upper_bound is not None and match.groups() and int(match.group(1)) > upper_bound:
+                continue
+            path = os.path.join(directory, name)
+            by_updates.setdefault(checkpoint_updates(path), path)
+    paths = [by_updates[u] for u in sorted(by_updates, reverse=True)[:n]]
+    if len(paths) < (n if at_least is None else at_least):
+        raise RelaFairseqError(f"{directory} holds {len(paths)} {'/'.join(kinds)} checkpoint(s), fewer than the {n} "
+                               f"to average (found: {', '.join(os.path.basename(p) for p in paths) or 'none'})")
+    return paths
+
+
+def _load(path: str, mmap: bool = False) -> dict:
     # weights_only through the plugin's allow-list (importing this package set it up)
     from . import compat
 
     compat.allow_fairseq_checkpoints()
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def average_checkpoints(paths):
@@ -76,11 +99,9 @@ def average_checkpoints(paths):
     return first
 
 
-def save_atomically(state, output):
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = output + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, output)  # never a half-written file under the final name
+def save_atomically(state: dict, output: str) -> None:
+    with atomic_path(output) as tmp:  # never a half-written file under the final name
+        torch.save(state, tmp)
 
 
 def main(argv=None):
@@ -101,7 +122,7 @@ def main(argv=None):
         if n < 1:
             parser.error(f"the number of checkpoints must be at least 1, got {n}")
         kind = "update" if args.num_update_checkpoints else "epoch"
-        paths = last_checkpoints(args.inputs[0], n, kind, args.checkpoint_upper_bound)
+        paths = newest_checkpoints(args.inputs[0], n, (kind,), args.checkpoint_upper_bound)
     else:
         missing = [p for p in args.inputs if not os.path.isfile(p)]
         if missing:

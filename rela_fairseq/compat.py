@@ -14,8 +14,6 @@ torch versions, in one place. Nothing else in the plugin checks versions.
 import argparse
 
 import torch
-from fairseq.distributed import fsdp_wrap
-from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
 
 # 0.12.2 overrides _load_from_state_dict to fill the fused path's parameters; fairseq main has no such override.
@@ -35,15 +33,6 @@ def drop_fused_encoder_keys(state_dict, prefix):
     """A 0.12.2 checkpoint (ours or stock) carries the fused path's copies of the weights: ignore them."""
     for name in FUSED_ENCODER_PARAMS:
         state_dict.pop(prefix + name, None)
-
-
-def wrap_layer(layer, cfg):
-    """What fairseq's build_encoder_layer/build_decoder_layer do around a new layer (activation checkpointing, FSDP)."""
-    checkpoint = cfg.checkpoint_activations
-    if checkpoint:
-        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
-    # when checkpointing, FSDP always wraps the checkpointed layer, whatever its size
-    return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not checkpoint else 0)
 
 
 def fairseq_checkpoint_globals():

@@ -26,7 +26,8 @@ class MissingDependencyError(RelaFairseqError, ImportError):
 
     def __init__(self, package, needed_for, install=None):
         install = install or f"pip install {package}"
-        super().__init__(f"{needed_for} needs the '{package}' package, which is not installed; install it with: {install}")
+        super().__init__(f"{needed_for} needs the '{package}' package, which is not installed; install it with: "
+                         f"{install}")
 
 
 def require(module_name, needed_for, package=None, install=None):

@@ -1,12 +1,22 @@
 """The ``transformer_rela`` model: fairseq's Transformer whose three attention types use ``RelaMultiheadAttention``.
 
-Registered through fairseq's legacy argparse route, like ``examples/pointer_generator``: a thin subclass of
-``TransformerModel`` whose encoder and decoder build our layers, plus architecture functions that set defaults.
-Options have no argparse defaults (fairseq suppresses them), so the architecture functions own the defaults and an
-older checkpoint that lacks an option receives it when loaded.
+A thin subclass of ``TransformerModel`` whose encoder and decoder build our layers, plus architecture functions that
+set defaults (like fairseq's ``examples/pointer_generator``), registered with one dataclass,
+``settings.RelaTransformerConfig`` (fairseq's TransformerConfig, flat as fairseq-train's flags name its options,
+extended by the attention settings), as fairseq registers ``transformer_lm``:
+
+* ``fairseq-train``: the flags are generated from the dataclass without defaults, the architecture functions fill in
+  the defaults, and fairseq converts the result through the dataclass into the model config it stores.
+* ``fairseq-hydra-train``: ``+model._name=transformer_rela +model.attn_fn=sparsemax +model.encoder_layers=3`` is
+  merged with (and validated against) the dataclass: a misspelt key is an error.
+* Checkpoints of either kind, and older ones that stored a flat argparse Namespace, all reach ``build_model``, which
+  builds from the flat Namespace form.
 """
 
-from fairseq.models import register_model, register_model_architecture
+import argparse
+
+from fairseq.distributed import fsdp_wrap
+from fairseq.models import ARCH_CONFIG_REGISTRY, register_model, register_model_architecture
 from fairseq.models.transformer import (
     TransformerConfig,
     TransformerDecoderBase,
@@ -17,72 +27,34 @@ from fairseq.models.transformer import (
     transformer_iwslt_de_en,
     transformer_vaswani_wmt_en_de_big,
 )
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from torch import nn
 
-from . import compat
-from .attention_functions import ATTN_FN_CHOICES, RELA_VARIANTS
 from .layers import RelaDecoderLayer, RelaEncoderLayer
-from .rela import ACTIVATIONS, GAIN_INITS, NORM_SCOPES, NORMS, RelaNorm, private_generator
-
-RELA_DEFAULTS = {
-    "attn_fn": "rela",
-    "encoder_attn_fn": None,  # None: same as --attn-fn
-    "decoder_attn_fn": None,
-    "cross_attn_fn": None,
-    "rela_variant": "gated",
-    "rela_norm": "rms",
-    "rela_norm_scope": "all",
-    "rela_gain_init": None,  # None: ones for ReLA-g, xavier for ReLA-i
-    "rela_activation": "relu",
-    "rela_fused_norm": False,
-    "entmax_alpha_init": 1.5,
-    "entmax_bisect_iters": 25,
-    "allow_attn_fn_change": False,
-}
+from .rela import RelaNorm, private_generator
+from .settings import RelaTransformerConfig, add_args, flat_namespace, set_defaults
 
 
-def add_rela_args(parser):
-    """The options of transformer_rela (also listed in the README: fairseq's --help omits architecture options)."""
-    parser.add_argument("--attn-fn", choices=ATTN_FN_CHOICES,
-                        help="attention function of all three attention types (default: rela)")
-    for kind, what in (("encoder", "encoder self-attention"), ("decoder", "decoder self-attention"),
-                       ("cross", "encoder-decoder (cross) attention")):
-        parser.add_argument(f"--{kind}-attn-fn", choices=ATTN_FN_CHOICES,
-                            help=f"attention function of the {what} (default: --attn-fn)")
-    parser.add_argument("--rela-variant", choices=RELA_VARIANTS,
-                        help="gated: ReLA-g, RMSNorm with gain 1 and a sigmoid gate (default); "
-                             "init: ReLA-i, RMSNorm with a small random gain and no gate")
-    parser.add_argument("--rela-norm", choices=NORMS, help="norm on the concatenated head outputs (default: rms)")
-    parser.add_argument("--rela-norm-scope", choices=NORM_SCOPES,
-                        help="all: one norm over the full width (default); head: one per head")
-    parser.add_argument("--rela-gain-init", choices=GAIN_INITS,
-                        help="norm gain init (default: ones for gated, xavier for init)")
-    parser.add_argument("--rela-activation", choices=ACTIVATIONS, help="relu (default) or squared relu")
-    parser.add_argument("--rela-fused-norm", action="store_true",
-                        help="run the ReLA norm and gate as fused kernels compiled by torch.compile (C++ on CPU, "
-                             "Triton on GPU); same results, faster, compiled on first use")
-    parser.add_argument("--entmax-alpha-init", type=float, help="initial alpha of entmax_alpha, in (1, 2) (default 1.5)")
-    parser.add_argument("--entmax-bisect-iters", type=int, help="bisection iterations of entmax_alpha (default 25)")
-    parser.add_argument("--allow-attn-fn-change", action="store_true",
-                        help="load checkpoints trained with another attention function, if the parameters fit")
-
-
-def rela_defaults(args):
-    for key, value in RELA_DEFAULTS.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+def wrapped(layer: nn.Module, cfg: TransformerConfig) -> nn.Module:
+    """What fairseq's build_encoder_layer/build_decoder_layer do around a new layer (activation checkpointing, FSDP)."""
+    checkpoint = cfg.checkpoint_activations
+    if checkpoint:
+        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    # when checkpointing, FSDP always wraps the checkpointed layer, whatever its size
+    return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not checkpoint else 0)
 
 
 class RelaEncoder(TransformerEncoderBase):
-    def build_encoder_layer(self, cfg):
-        return compat.wrap_layer(RelaEncoderLayer(cfg, return_fc=self.return_fc), cfg)
+    def build_encoder_layer(self, cfg: TransformerConfig) -> nn.Module:
+        return wrapped(RelaEncoderLayer(cfg, return_fc=self.return_fc), cfg)
 
 
 class RelaDecoder(TransformerDecoderBase):
-    def build_decoder_layer(self, cfg, no_encoder_attn=False):
-        return compat.wrap_layer(RelaDecoderLayer(cfg, no_encoder_attn), cfg)
+    def build_decoder_layer(self, cfg: TransformerConfig, no_encoder_attn: bool = False) -> nn.Module:
+        return wrapped(RelaDecoderLayer(cfg, no_encoder_attn), cfg)
 
 
-@register_model("transformer_rela")
+@register_model("transformer_rela", dataclass=RelaTransformerConfig)
 class RelaTransformerModel(TransformerModel):
     """Transformer with ReLA (or softmax, sparsemax, 1.5-entmax, alpha-entmax) attention."""
 
@@ -96,63 +68,68 @@ class RelaTransformerModel(TransformerModel):
                 module.reset_parameters(generator)
 
     @classmethod
-    def hub_models(cls):
+    def hub_models(cls) -> dict:
         return {}  # no hosted models: from_pretrained takes a local directory
 
     @classmethod
-    def add_args(cls, parser):
-        super().add_args(parser)
-        add_rela_args(parser)
+    def add_args(cls, parser: argparse.ArgumentParser) -> None:
+        super().add_args(parser)  # fairseq's Transformer options, exactly as stock
+        add_args(parser)  # ours; fairseq skips the Transformer's options a second time
 
     @classmethod
-    def build_model(cls, args, task):
-        rela_defaults(args)  # checkpoints written before an option existed
+    def build_model(cls, args, task) -> "RelaTransformerModel":
+        args = flat_namespace(args)  # a TransformerConfig (checkpoint) or DictConfig (hydra) becomes the flat form
+        set_defaults(args, paper=False)  # checkpoints written before an option existed
         return super().build_model(args, task)
 
     @classmethod
-    def build_encoder(cls, args, src_dict, embed_tokens):
+    def build_encoder(cls, args: argparse.Namespace, src_dict, embed_tokens) -> RelaEncoder:
         return RelaEncoder(TransformerConfig.from_namespace(args), src_dict, embed_tokens)
 
     @classmethod
-    def build_decoder(cls, args, tgt_dict, embed_tokens):
+    def build_decoder(cls, args: argparse.Namespace, tgt_dict, embed_tokens) -> RelaDecoder:
         cfg = TransformerConfig.from_namespace(args)
         return RelaDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention)
 
 
-def _paper_settings(args):
-    """The paper: dropout 0.1 everywhere (residual, attention, ReLU) and the target embedding tied to the output."""
-    args.attention_dropout = getattr(args, "attention_dropout", 0.1)
-    args.activation_dropout = getattr(args, "activation_dropout", 0.1)
-    args.share_decoder_input_output_embed = getattr(args, "share_decoder_input_output_embed", True)
-
-
-@register_model_architecture("transformer_rela", "transformer_rela")
-def transformer_rela(args):
-    """Transformer-base (6+6 layers, d=512, FFN 2048, 8 heads), ReLA-g in all three attention types."""
-    _paper_settings(args)
-    rela_defaults(args)
+def transformer_rela(args: argparse.Namespace) -> None:
+    """Transformer-base (6+6 layers, d=512, FFN 2048, 8 heads), ReLA-g in all three attention types, dropout 0.1 on
+    residuals, attention and FFN, tied target embeddings."""
+    set_defaults(args)
     base_architecture(args)
 
 
+# register_model(dataclass=...) registered a no-op architecture of the model's own name; this one sets the defaults
+ARCH_CONFIG_REGISTRY["transformer_rela"] = transformer_rela
+
+
 @register_model_architecture("transformer_rela", "transformer_rela_iwslt_de_en")
-def transformer_rela_iwslt_de_en(args):
+def transformer_rela_iwslt_de_en(args: argparse.Namespace) -> None:
     """fairseq's IWSLT dimensions (d=512, FFN 1024, 4 heads)."""
-    _paper_settings(args)
-    rela_defaults(args)
+    set_defaults(args)
     transformer_iwslt_de_en(args)
 
 
 @register_model_architecture("transformer_rela", "transformer_rela_big")
-def transformer_rela_big(args):
+def transformer_rela_big(args: argparse.Namespace) -> None:
     """Transformer-big (d=1024, FFN 4096, 16 heads, dropout 0.3)."""
-    _paper_settings(args)
-    rela_defaults(args)
+    set_defaults(args)
     transformer_vaswani_wmt_en_de_big(args)
 
 
+@register_model_architecture("transformer_rela", "transformer_rela_small")
+def transformer_rela_small(args: argparse.Namespace) -> None:
+    """A small Transformer for CPU runs on small corpora (Multi30k): d=128, FFN 512, 4 heads, 3+3 layers."""
+    for side in ("encoder", "decoder"):
+        for option, value in (("embed_dim", 128), ("ffn_embed_dim", 512), ("attention_heads", 4), ("layers", 3)):
+            if getattr(args, f"{side}_{option}", None) is None:
+                setattr(args, f"{side}_{option}", value)
+    transformer_rela(args)
+
+
 @register_model_architecture("transformer_rela", "transformer_rela_tiny")
-def transformer_rela_tiny(args):
+def transformer_rela_tiny(args: argparse.Namespace) -> None:
     """fairseq's tiny dimensions (d=64, FFN 64, 2 heads, 2+2 layers): tests and smoke runs."""
-    rela_defaults(args)
+    set_defaults(args, paper=False)
     tiny_architecture(args)
 

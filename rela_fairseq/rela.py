@@ -1,6 +1,6 @@
 """Rectified Linear Attention (Zhang, Titov & Sennrich, EMNLP 2021): the math in one module.
 
-The steps of ``shared/spec/rela.md`` §1, for one attention module of width d with H heads of width d_h = d / H:
+The steps of docs/method.md, for one attention module of width d with H heads of width d_h = d / H:
 
     1. Q = X W_q + b_q,  K = M W_k + b_k,  V = M W_v + b_v, split into H heads
     2. S_h = (Q_h / sqrt(d_h)) K_hᵀ                       same scaling as softmax attention
@@ -18,22 +18,27 @@ through ``rectify`` (steps 3-4) and ``RelaNorm`` (step 7, ``rela_norm_reference`
 ``MultiheadAttention``, which already does steps 1, 2, 5, 6 and 8 and the key/value caching for incremental decoding.
 """
 
+from __future__ import annotations
+
 import math
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import RelaConfigError, RelaFairseqError
 
 EPS = 1e-8  # inside the square root, as in the official code
+# the choices of each switch (settings.AttentionSettings offers them as options, with their defaults and help)
+VARIANTS = ("gated", "init")  # ReLA-g, ReLA-i
 ACTIVATIONS = ("relu", "relu2")
 NORMS = ("rms", "layer", "none")
 NORM_SCOPES = ("all", "head")
 GAIN_INITS = ("ones", "xavier")
 
 
-def rectify(scores, activation="relu"):
+def rectify(scores: Tensor, activation: str = "relu") -> Tensor:
     """Steps 3-4: ReLU of the scores.
 
     Masked scores arrive as exactly 0 (padding, set in place by ``RelaMultiheadAttention``) or as -inf (fairseq's
@@ -53,7 +58,8 @@ class RelaNorm(nn.Module):
     ablation). ``norm="none"`` keeps only the gate (if any). The gain g is always a length-d vector.
     """
 
-    def __init__(self, embed_dim, num_heads, norm="rms", scope="all", gate=True, gain_init="ones", fused=False):
+    def __init__(self, embed_dim: int, num_heads: int, *, norm: str, scope: str, gate: bool, gain_init: str,
+                 fused: bool = False):
         super().__init__()
         for name, value, choices in (
             ("norm", norm, NORMS),
@@ -70,7 +76,7 @@ class RelaNorm(nn.Module):
         self.gate_weight = nn.Parameter(torch.zeros(embed_dim)) if gate else None
         self.reset_parameters(private_generator())
 
-    def reset_parameters(self, generator=None):
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         """Gain: ones (ReLA-g) or uniform ±sqrt(3/d) (ReLA-i); gate w: uniform ±sqrt(3/d).
 
         ``generator`` lets a model draw these from a private stream, so that a ReLA model and a softmax model built
@@ -88,17 +94,18 @@ class RelaNorm(nn.Module):
             if self.gate_weight is not None:
                 self.gate_weight.uniform_(-bound, bound, generator=generator)
 
-    def forward(self, heads):
+    def forward(self, heads: Tensor) -> Tensor:
         """``heads``: [..., d], the concatenated head outputs O. Computed in fp32, returned in the input dtype."""
         norm = fused_rela_norm if self.fused else rela_norm
         return norm(heads, self.weight, self.bias, self.gate_weight, self.norm, self.width)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         gate = "gated" if self.gate_weight is not None else "no gate"
         return f"{self.embed_dim}, norm={self.norm}, scope={self.scope}, {gate}" + (", fused" if self.fused else "")
 
 
-def rela_norm_reference(heads, weight, bias, gate_weight, norm, width):
+def rela_norm_reference(heads: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], gate_weight: Optional[Tensor],
+                        norm: str, width: int) -> Tensor:
     """Step 7 on O = ``heads`` [..., d], as written: Norm(z) (⊙ σ(w ⊙ z) for ReLA-g), z = O in fp32; ``width`` is
     d, or d_h for a per-head norm. Returned in the dtype of ``heads``."""
     z = at_least_fp32(heads)
@@ -117,7 +124,8 @@ def rela_norm_reference(heads, weight, bias, gate_weight, norm, width):
     return y.to(heads.dtype)
 
 
-def rela_norm(heads, weight, bias, gate_weight, norm, width):
+def rela_norm(heads: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], gate_weight: Optional[Tensor],
+              norm: str, width: int) -> Tensor:
     """``rela_norm_reference``; for RMSNorm through ``GatedRMSNorm``, which keeps one tensor for the backward pass
     instead of about seven (same values and gradients), or, without gradients (decoding), its in-place forward."""
     if norm != "rms":
@@ -137,7 +145,7 @@ class GatedRMSNorm(torch.autograd.Function):
     done on it, and the backward pass below allocates five instead of about fifteen (2x faster than out of place)."""
 
     @staticmethod
-    def compute(heads, weight, gate_weight, width):
+    def compute(heads: Tensor, weight: Tensor, gate_weight: Optional[Tensor], width: int) -> tuple[Tensor, Tensor]:
         """(y, per-row rsqrt): the forward pass, with as few kernels and allocations as eager PyTorch allows."""
         z = at_least_fp32(heads)
         rows = z.reshape(-1, width)
@@ -149,14 +157,14 @@ class GatedRMSNorm(torch.autograd.Function):
         return y.to(heads.dtype), rstd
 
     @staticmethod
-    def forward(ctx, heads, weight, gate_weight, width):
+    def forward(ctx, heads: Tensor, weight: Tensor, gate_weight: Optional[Tensor], width: int) -> Tensor:
         y, rstd = GatedRMSNorm.compute(heads, weight, gate_weight, width)
         ctx.save_for_backward(heads, weight, gate_weight, rstd)
         ctx.width = width
         return y
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad: Tensor):
         """With n = z·rstd the normalised rows, s = σ(w ⊙ z) the gate and y = n ⊙ g ⊙ s:
         dg = Σ grad·s·n,  dw = Σ grad·n·g·s(1-s)·z,  dz = rstd·(d_n - n·mean(d_n ⊙ n)) + grad·n·g·s(1-s)·w,
         with d_n = grad·s·g (s = 1 without a gate)."""
@@ -194,7 +202,7 @@ class GatedRMSNorm(torch.autograd.Function):
 _compiled_rela_norm = None
 
 
-def fused_rela_norm(*args):
+def fused_rela_norm(*args) -> Tensor:
     """``rela_norm_reference`` compiled into fused kernels by torch.compile (C++/OpenMP on CPU, Triton on GPU),
     forward and backward, for training. Compiled on first use (seconds; cached on disk by torch), once for all
     shapes. Without gradients (decoding steps, too small to gain) the eager ``rela_norm`` runs instead."""
@@ -213,18 +221,20 @@ def fused_rela_norm(*args):
                                "Triton on GPU. Drop the flag to use the eager implementation.") from exc
 
 
-def at_least_fp32(x):
+def at_least_fp32(x: Tensor) -> Tensor:
     """fp16/bf16 -> fp32; fp32 and fp64 stay as they are (fp64 for gradcheck)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def private_generator():
+def private_generator() -> torch.Generator:
     """A generator seeded from torch's global seed: drawing from it leaves the global random stream untouched."""
     return torch.Generator().manual_seed(torch.initial_seed() % 2**63)
 
 
-def rela_attention(query, memory, q_proj, k_proj, v_proj, out_proj, num_heads, norm, key_padding_mask=None,
-                   causal=False, activation="relu"):
+def rela_attention(query: Tensor, memory: Tensor, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module,
+                   out_proj: nn.Module, num_heads: int, norm: Callable[[Tensor], Tensor],
+                   key_padding_mask: Optional[Tensor] = None, causal: bool = False,
+                   activation: str = "relu") -> tuple[Tensor, Tensor]:
     """The plain reference, spec steps 1-8 line by line (no dropout, batch-first).
 
     query [B, T, d], memory [B, S, d], key_padding_mask [B, S] (True = pad). Returns (Y [B, T, d], A [B, H, T, S]).
@@ -233,7 +243,7 @@ def rela_attention(query, memory, q_proj, k_proj, v_proj, out_proj, num_heads, n
     src_len = memory.size(1)
     head_dim = dim // num_heads
 
-    def split(x):
+    def split(x: Tensor) -> Tensor:
         return x.view(bsz, -1, num_heads, head_dim).transpose(1, 2)
 
     q, k, v = split(q_proj(query)), split(k_proj(memory)), split(v_proj(memory))  # 1

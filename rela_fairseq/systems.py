@@ -1,47 +1,51 @@
-"""The systems compared in the paper (and α-entmax), as transformer_rela options.
-
-One place that names them, shared by the training scripts, the benchmark, the main job and the tests.
+"""The systems the paper compares (and α-entmax), as data: one place that names them, with their labels and the
+``transformer_rela`` options that make each. The pipeline, the benchmark, the analysis report and the tests all read
+them from here.
 """
 
-SYSTEMS = {
-    "softmax": ["--attn-fn", "softmax"],
-    "sparsemax": ["--attn-fn", "sparsemax"],
-    "entmax15": ["--attn-fn", "entmax15"],
-    "entmax_alpha": ["--attn-fn", "entmax_alpha"],
-    "rela_g": ["--attn-fn", "rela", "--rela-variant", "gated"],
-    "rela_i": ["--attn-fn", "rela", "--rela-variant", "init"],
-}
+from __future__ import annotations
 
-LABELS = {
-    "softmax": "softmax",
-    "sparsemax": "sparsemax",
-    "entmax15": "1.5-entmax",
-    "entmax_alpha": "α-entmax",
-    "rela_g": "ReLA-g",
-    "rela_i": "ReLA-i",
-}
+from dataclasses import dataclass, field
+
+from .errors import RelaConfigError
 
 
-def system_args(system):
-    """fairseq-train options of one system; the error names the accepted systems."""
-    from .errors import RelaConfigError
+@dataclass(frozen=True)
+class System:
+    name: str  # as in scripts and file names: rela_g
+    label: str  # as in tables: ReLA-g
+    options: dict = field(default_factory=dict)  # transformer_rela options (argparse destinations) and values
 
-    if system not in SYSTEMS:
-        raise RelaConfigError(f"unknown system {system!r}; choose one of {', '.join(SYSTEMS)}")
-    return list(SYSTEMS[system])
-
-
-def main(argv=None):
-    """``python -m rela_fairseq.systems SYSTEM`` prints the system's options, one per line (for shell scripts)."""
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        sys.stderr.write(f"usage: python -m rela_fairseq.systems SYSTEM  (SYSTEM: {' '.join(SYSTEMS)})\n")
-        return 2
-    print("\n".join(system_args(argv[0])))
-    return 0
+    def fairseq_args(self) -> list[str]:
+        """The options as ``fairseq-train`` arguments: ``["--attn-fn", "rela", "--rela-variant", "gated"]``."""
+        args: list[str] = []
+        for key, value in self.options.items():
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                args.append(flag)
+            elif value is not False:
+                args += [flag, str(value)]
+        return args
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+SYSTEMS: dict[str, System] = {s.name: s for s in (
+    System("softmax", "softmax", {"attn_fn": "softmax"}),
+    System("sparsemax", "sparsemax", {"attn_fn": "sparsemax"}),
+    System("entmax15", "1.5-entmax", {"attn_fn": "entmax15"}),
+    System("entmax_alpha", "α-entmax", {"attn_fn": "entmax_alpha"}),
+    System("rela_g", "ReLA-g", {"attn_fn": "rela", "rela_variant": "gated"}),
+    System("rela_i", "ReLA-i", {"attn_fn": "rela", "rela_variant": "init"}),
+)}
+LABELS: dict[str, str] = {name: system.label for name, system in SYSTEMS.items()}
+
+
+def get_system(name: str) -> System:
+    """The system called ``name``; the error names the accepted systems."""
+    if name not in SYSTEMS:
+        raise RelaConfigError(f"unknown system {name!r}; choose one of {', '.join(SYSTEMS)}")
+    return SYSTEMS[name]
+
+
+def system_args(name: str) -> list[str]:
+    """fairseq-train options of one system."""
+    return get_system(name).fairseq_args()

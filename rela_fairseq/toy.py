@@ -95,7 +95,8 @@ def _target_np(pair, np, positions, lexicon, particle=None):
 
 
 def make_pair(rng, lexicon):
-    """One sentence pair: [time] NP_subj verb NP_obj [adverb] [prep NP]  ->  [NP PP] NP_subj-ga NP_obj-o [adv] verb-tense."""
+    """One sentence pair:
+    [time] NP_subj verb NP_obj [adverb] [prep NP]  ->  [NP PP] NP_subj-ga NP_obj-o [adv] verb-tense."""
     subj, obj = _noun_phrase(rng), _noun_phrase(rng)
     verb = rng.choice(VERBS)
     adverb = rng.choice(ADVERBS) if rng.random() < 0.4 else None
@@ -124,7 +125,7 @@ def make_pair(rng, lexicon):
     return pair
 
 
-def format_links(pair, index_base=1):
+def gold_links_text(pair, index_base=1):
     """Gold links in the standard text format: ``i-j`` sure, ``ipj`` possible, source index first."""
     links = [(i, j, "-") for i, j in pair.sure] + [(i, j, "p") for i, j in pair.possible - pair.sure]
     return " ".join(f"{i + index_base}{sep}{j + index_base}" for i, j, sep in sorted(links))
@@ -158,7 +159,7 @@ def write_task(out_dir, sizes=None, seed=1, src="src", tgt="tgt"):
     corpus = generate(sizes, seed)
     for split, pairs in corpus.items():
         for suffix, lines in ((src, (" ".join(p.src) for p in pairs)), (tgt, (" ".join(p.tgt) for p in pairs)),
-                              ("align", (format_links(p) for p in pairs))):
+                              ("align", (gold_links_text(p) for p in pairs))):
             path = os.path.join(out_dir, f"{split}.{suffix}")
             with open(path + ".tmp", "w", encoding="utf-8") as f:
                 f.writelines(line + "\n" for line in lines)

@@ -62,10 +62,15 @@ pipeline_python() {
   die "no Python with rela_fairseq installed: run scripts/setup_env.sh, or pip install -e . and set RELA_PYTHON"
 }
 
-# run_pipeline COMMAND ARGS...: python -m rela_fairseq.pipeline COMMAND ARGS... with that Python
+# run_pipeline COMMAND ARGS...: python -m rela_fairseq.pipeline COMMAND ARGS... with that Python; --help needs no
+# environment (any python3 prints it)
 run_pipeline() {
   local python
-  python="$(pipeline_python)"
+  if [[ " $* " == *" -h "* || " $* " == *" --help "* ]] && ! python="$(pipeline_python 2>/dev/null)"; then
+    python="$(command -v python3)" || die "no python3 on PATH"
+  else
+    python="$(pipeline_python)"
+  fi
   cd "$REPO_ROOT"
   exec "$python" -m rela_fairseq.pipeline "$@"
 }

@@ -4,8 +4,8 @@ import os
 import re
 
 import pytest
-
 from helpers import TINY_TRAIN_ARGS, run_cli
+
 from rela_fairseq.systems import SYSTEMS
 
 # small enough to train a few dozen updates in seconds, large enough for several batches
@@ -53,9 +53,9 @@ def trained(toy_bin, tmp_path_factory):
     def get(system):
         if system not in cache:
             save_dir = tmp_path_factory.mktemp(f"ckpt_{system}")
-            first = train(toy_bin, save_dir, 10, *SYSTEMS[system])
+            first = train(toy_bin, save_dir, 10, *SYSTEMS[system].fairseq_args())
             assert last_num_updates(first.stdout + first.stderr) == 10
-            resumed = train(toy_bin, save_dir, 16, *SYSTEMS[system])
+            resumed = train(toy_bin, save_dir, 16, *SYSTEMS[system].fairseq_args())
             log = resumed.stdout + resumed.stderr
             assert re.search(r"[Ll]oaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 10 updates\)", log), log[-3000:]
             assert last_num_updates(log) == 16

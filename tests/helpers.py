@@ -12,11 +12,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "rela_fairseq")
 BIN_DIR = os.path.dirname(sys.executable)
 
-import rela_fairseq  # noqa: E402,F401  registers the model
 from fairseq.data import Dictionary  # noqa: E402
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY  # noqa: E402
 
+import rela_fairseq  # noqa: E402,F401  registers the model
+
 ATTN_FNS = ("softmax", "sparsemax", "entmax15", "entmax_alpha", "rela")
+
+
+def attention_function(name, embed_dim, num_heads, **settings):
+    """One attention function, ``settings`` as AttentionSettings fields (rela_variant="init", ...)."""
+    from rela_fairseq.attention_functions import build_attention_function
+    from rela_fairseq.settings import AttentionSettings
+
+    return build_attention_function(embed_dim, num_heads, AttentionSettings(attn_fn=name, **settings))
 
 
 class FakeTask:

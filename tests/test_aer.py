@@ -5,8 +5,8 @@ import os
 import re
 
 import pytest
-
 from helpers import REPO, run_cli
+
 from rela_fairseq.analyze.aer import AlignmentFileError, format_score, score, score_files
 
 FIXTURE = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "alignment", "enfr")

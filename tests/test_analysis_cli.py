@@ -4,7 +4,6 @@ import json
 import re
 
 import pytest
-
 from conftest import TINY_SIZES
 from helpers import finish_cli, run_cli, start_cli
 
@@ -35,7 +34,7 @@ def test_attention_json_and_table(rela_checkpoint, toy_bin, analysed):
     js = json.loads(analysed["rela_g"][0].read_text())
     assert js["log_base"].startswith("e")
     assert set(js["types"]) == {"encoder", "decoder", "cross"}
-    for kind, data in js["types"].items():
+    for data in js["types"].values():
         assert 0 <= data["overall"]["sparsity"] <= 1 and 0 <= data["overall"]["null_rate"] <= 1
         assert len(data["layers"]) == 2 and len(data["layers"][0]["heads"]) == 2  # tiny: 2 layers, 2 heads
     assert js["types"]["encoder"]["overall"]["sparsity"] > 0  # ReLU gives exact zeros

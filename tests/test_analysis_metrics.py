@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from rela_fairseq.analyze.align import (AlignmentCollector, detect_segmentation, hard_links, to_words,
-                                        word_index)
-from rela_fairseq.analyze.forced import ForcedBatch, attention_type
+from rela_fairseq.analyze.align import AlignmentCollector, detect_segmentation, hard_links, to_words, word_index
+from rela_fairseq.analyze.forced import ForcedBatch, module_attention_type
 from rela_fairseq.analyze.metrics import AttentionStats, js_per_query, valid_pairs
 
 
@@ -99,10 +98,10 @@ def test_padding_queries_and_keys_never_count_in_js():
 
 
 def test_attention_type_from_module_names():
-    assert attention_type("encoder.layers.3.self_attn") == ("encoder", 3)
-    assert attention_type("decoder.layers.0.self_attn") == ("decoder", 0)
-    assert attention_type("decoder.layers.5.encoder_attn") == ("cross", 5)
-    assert attention_type("decoder.output_projection") is None
+    assert module_attention_type("encoder.layers.3.self_attn") == ("encoder", 3)
+    assert module_attention_type("decoder.layers.0.self_attn") == ("decoder", 0)
+    assert module_attention_type("decoder.layers.5.encoder_attn") == ("cross", 5)
+    assert module_attention_type("decoder.output_projection") is None
 
 
 # --------------------------------------------------------------------------- alignment extraction

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ATTN_FNS, attention_function
 
-from helpers import ATTN_FNS
 from rela_fairseq.attention import RelaMultiheadAttention
-from rela_fairseq.attention_functions import EntmaxAlpha, build_attention_function
+from rela_fairseq.attention_functions import EntmaxAlpha
 from rela_fairseq.rela import EPS, rela_attention
 
 EMBED, HEADS = 16, 4
@@ -17,14 +17,14 @@ EMBED, HEADS = 16, 4
 def make_attention(fn="rela", embed_dim=EMBED, heads=HEADS, seed=0, dtype=torch.float32, kv_dim=None,
                    entmax_bisect_iters=25, **fn_options):
     torch.manual_seed(seed)
-    attn_fn = build_attention_function(fn, embed_dim, heads, entmax_bisect_iters=entmax_bisect_iters, **fn_options)
+    attn_fn = attention_function(fn, embed_dim, heads, entmax_bisect_iters=entmax_bisect_iters, **fn_options)
     if kv_dim is None:
         module = RelaMultiheadAttention(embed_dim, heads, attn_fn=attn_fn, self_attention=True)
     else:
         module = RelaMultiheadAttention(embed_dim, heads, attn_fn=attn_fn, kdim=kv_dim, vdim=kv_dim,
                                         encoder_decoder_attention=True)
     with torch.no_grad():  # make the extra parameters non-trivial
-        for name, p in module.attn_fn.named_parameters():
+        for p in module.attn_fn.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return module.to(dtype).eval()
 
@@ -88,7 +88,7 @@ def test_output_matches_plain_reference(variant, norm, scope):
 
 
 def test_rms_norm_is_the_spec_formula_over_the_full_width():
-    norm = build_attention_function("rela", EMBED, HEADS, rela_variant="init").norm
+    norm = attention_function("rela", EMBED, HEADS, rela_variant="init").norm
     z = torch.randn(3, 2, EMBED)
     expected = norm.weight * z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + 1e-8)
     torch.testing.assert_close(norm(z), expected)
@@ -96,7 +96,7 @@ def test_rms_norm_is_the_spec_formula_over_the_full_width():
 
 
 def test_gate_is_elementwise_sigmoid_of_the_unnormalised_heads():
-    norm = build_attention_function("rela", EMBED, HEADS, rela_variant="gated").norm
+    norm = attention_function("rela", EMBED, HEADS, rela_variant="gated").norm
     assert norm.gate_weight.shape == (EMBED,) and torch.equal(norm.weight, torch.ones(EMBED))
     bound = math.sqrt(3 / EMBED)
     assert norm.gate_weight.abs().max() <= bound and norm.gate_weight.abs().max() > 0
@@ -106,11 +106,11 @@ def test_gate_is_elementwise_sigmoid_of_the_unnormalised_heads():
 
 
 def test_rela_i_gain_is_small_uniform_and_no_gate():
-    fn = build_attention_function("rela", 512, 8, rela_variant="init")
+    fn = attention_function("rela", 512, 8, rela_variant="init")
     assert fn.norm.gate_weight is None
     bound = math.sqrt(3 / 512)
     assert fn.norm.weight.abs().max() <= bound and fn.norm.weight.std() > bound / 4
-    gated = build_attention_function("rela", 512, 8, rela_variant="gated")
+    gated = attention_function("rela", 512, 8, rela_variant="gated")
     assert sum(p.numel() for p in gated.parameters()) == 2 * 512  # +2d per attention module
 
 
@@ -209,7 +209,7 @@ def test_gradcheck_float64(fn):
 
 
 def test_entmax_alpha_learns_one_alpha_per_head_in_the_open_interval():
-    fn = build_attention_function("entmax_alpha", EMBED, HEADS)
+    fn = attention_function("entmax_alpha", EMBED, HEADS)
     assert isinstance(fn, EntmaxAlpha) and fn.pre_alpha.shape == (HEADS,)
     torch.testing.assert_close(fn.alpha(), torch.full((HEADS,), 1.5))
     with torch.no_grad():

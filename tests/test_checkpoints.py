@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import REPO, run_cli
 
 
@@ -44,14 +43,27 @@ def load_in_fresh_process(paths, import_plugin):
                            cwd=REPO, env=env)
 
 
-def test_every_checkpoint_type_loads_weights_only_through_the_allow_list(trained, averaged):
-    paths = checkpoint_files(trained("rela_g")) + [averaged]
+@pytest.fixture(scope="module")
+def stock_checkpoint(toy_bin, tmp_path_factory):
+    """A stock fairseq transformer checkpoint: its model config is an argparse.Namespace."""
+    from helpers import TINY_TRAIN_ARGS
+
+    save_dir = tmp_path_factory.mktemp("stock")
+    args = [a if a != "transformer_rela_tiny" else "transformer_tiny" for a in TINY_TRAIN_ARGS]
+    run_cli("fairseq-train", toy_bin, *args, "--save-dir", save_dir, "--max-update", 2)
+    return save_dir / "checkpoint_last.pt"
+
+
+def test_every_checkpoint_type_loads_weights_only_through_the_allow_list(trained, averaged, stock_checkpoint):
+    paths = checkpoint_files(trained("rela_g")) + [averaged, stock_checkpoint]
     with_plugin = load_in_fresh_process(paths, import_plugin=True)
     assert with_plugin.returncode == 0, with_plugin.stderr[-3000:]
     assert f"loaded {len(paths)}" in with_plugin.stdout
-    # the check itself stays on: without the plugin's allow-list the same files are refused
-    without = load_in_fresh_process(paths[:1], import_plugin=False)
+    # the check itself stays on: without the plugin's allow-list a stock checkpoint (argparse.Namespace) is refused
+    without = load_in_fresh_process([stock_checkpoint], import_plugin=False)
     assert without.returncode != 0 and "argparse.Namespace" in without.stderr
+    # transformer_rela's own checkpoints store their model config through the dataclass: plain containers only
+    assert load_in_fresh_process(paths[:-1], import_plugin=False).returncode == 0
 
 
 def test_allow_list_is_exactly_what_fairseq_checkpoints_need():

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from conftest import TINY_SIZES, train, train_args
 from helpers import USER_DIR, finish_cli, parse_generate_output, run_cli, start_cli
+
 from rela_fairseq.systems import SYSTEMS
 
 
@@ -22,7 +22,7 @@ def test_train_resume_generate_interactive(system, trained, toy_bin):
     save_dir = trained(system)
     state = torch.load(save_dir / "checkpoint_last.pt", weights_only=True)  # through the plugin's allow-list
     settings = state["model"]["decoder.layers.0.encoder_attn.attn_fn._extra_state"]
-    assert settings["attn_fn"] == SYSTEMS[system][1]
+    assert settings["attn_fn"] == SYSTEMS[system].options["attn_fn"]
 
     # generation and interactive decoding run side by side (each spends seconds importing fairseq)
     inter_proc = start_cli("fairseq-interactive", toy_bin, "--user-dir", USER_DIR, "--path",

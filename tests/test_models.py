@@ -4,8 +4,8 @@ import pytest
 import torch
 from fairseq.models.transformer import TransformerModel
 from fairseq.sequence_generator import SequenceGenerator
-
 from helpers import ATTN_FNS, FakeTask, build_model, left_padded_batch
+
 from rela_fairseq import compat
 from rela_fairseq.attention import RelaMultiheadAttention, set_store_attn
 from rela_fairseq.errors import AttentionSettingsError
@@ -45,7 +45,8 @@ def test_paper_architecture_sizes():
     assert (model.cfg.dropout, model.cfg.attention_dropout, model.cfg.activation_dropout) == (0.1, 0.1, 0.1)
 
 
-@pytest.mark.parametrize("arch,dim,heads", [("transformer_rela_iwslt_de_en", 512, 4), ("transformer_rela_big", 1024, 16)])
+@pytest.mark.parametrize("arch,dim,heads", [("transformer_rela_iwslt_de_en", 512, 4),
+                                            ("transformer_rela_big", 1024, 16)])
 def test_other_architectures(arch, dim, heads):
     model = build_model(arch, task=FakeTask(vocab_size=50))
     attn = model.encoder.layers[0].self_attn
@@ -191,3 +192,30 @@ def test_store_attn_keeps_per_head_weights_for_every_module():
     assert shapes == {(2, 2, 5, 5), (2, 2, 4, 4), (2, 2, 4, 5)}
     set_store_attn(model, False)
     assert all(m.last_attn is None and not m.store_attn for m in modules)
+
+
+def test_readme_option_table_matches_the_settings_dataclass():
+    """Every attention setting is in the README's table with its choices, default first (settings.py defines them)."""
+    import os
+    import re
+    from dataclasses import fields
+
+    from helpers import REPO
+
+    from rela_fairseq.settings import ATTENTION_TYPES, AttentionSettings, field_choices
+
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    rows = {}
+    for line in readme.splitlines():
+        if line.startswith("| `--"):
+            options, choices = line.split("|")[1:3]
+            for option in re.findall(r"`--([\w-]+)`", options):
+                rows[option.replace("-", "_")] = re.findall(r"`([^`]+)`", choices)
+    for f in (f for f in fields(AttentionSettings) if not f.name.startswith("_")):
+        assert f.name in rows, f"README lists no --{f.name.replace('_', '-')}"
+        choices = field_choices(f)
+        if choices and f.default is not None:
+            assert rows[f.name][0] == f.default and set(rows[f.name]) == set(choices), (f.name, rows[f.name])
+        elif isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+            assert rows[f.name] == [str(f.default)], (f.name, rows[f.name])
+    assert {t.option for t in ATTENTION_TYPES} <= set(rows)

@@ -1,25 +1,17 @@
 """The reproduction scripts, offline: the toy pipeline end to end, the WMT download path against a local HTTP server
 serving archives in the real formats, resuming after a kill, multi-process training, bad arguments."""
 
-import gzip
 import hashlib
-import http.server
-import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tarfile
-import threading
 import time
-import zipfile
 
 import pytest
-import yaml
-
+from archive_server import ArchiveServer, real_config, serve_config, write_local_configs
 from helpers import REPO
 
 SCRIPTS = os.path.join(REPO, "scripts")
@@ -88,7 +80,8 @@ def test_main_job_report_on_quick_toy(quick_root):
     table = run_script("results.sh", "--output", quick_root / "results.md", env=env).stdout
     assert "| system | toy (QUICK) |" in table
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
-    assert re.match(r"\| softmax \| \d+\.\d \|", rows["softmax"]) and re.match(r"\| ReLA-g \| \d+\.\d \|", rows["ReLA-g"])
+    assert re.match(r"\| softmax \| \d+\.\d \|", rows["softmax"])
+    assert re.match(r"\| ReLA-g \| \d+\.\d \|", rows["ReLA-g"])
     assert "nrefs:1|case:mixed|eff:no|tok:13a" in table
     assert (quick_root / "results.md").read_text().strip() == table.strip()
 
@@ -121,18 +114,30 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def test_multi_process_training_with_torchrun_gloo(quick_root):
-    env = script_env(quick_root, QUICK=1, NPROC_PER_NODE=2, MASTER_PORT=free_port())
+def test_resume_on_another_device_count_keeps_tokens_per_update(tmp_path):
+    env = script_env(tmp_path, QUICK=1)
     run_script("prepare.sh", "toy", env=env)
-    proc = run_script("train.sh", "toy", "softmax", "--save-dir", quick_root / "ddp", "--max-update", 4, env=env)
-    log = proc.stdout + proc.stderr
-    assert "distributed init (rank 0)" in log and "distributed init (rank 1)" in log
-    assert "torchrun" in log and "done training" in log
-    assert (quick_root / "ddp" / "checkpoint_last.pt").exists()
+    first = run_script("train.sh", "toy", "softmax", "--max-update", 4,
+                       env=dict(env, NPROC_PER_NODE="2", MASTER_PORT=str(free_port())))
+    log = first.stdout + first.stderr  # two processes through torchrun, gloo on CPUs
+    assert "distributed init (rank 0)" in log and "distributed init (rank 1)" in log and "torchrun" in log
+    assert "batch: 2000 tokens x 1 step(s) x 2 device(s) = 4000 tokens per update" in first.stderr
+    resumed = run_script("train.sh", "toy", "softmax", "--max-update", 6, env=env)
+    log = resumed.stdout + resumed.stderr
+    assert "resuming on 1 device(s) (trained so far on 2): 2000 x 1 x 2 becomes 4000 x 1 x 1; tokens per update " \
+           "stay at 4000" in log
+    assert "Loaded checkpoint" in log and "@ 4 updates" in log
+    record = json.loads((tmp_path / "checkpoints" / "toy-quick" / "softmax" / "run.json").read_text())
+    batches = [h["batch"] for h in record["history"]]
+    assert [b["devices"] for b in batches] == [2, 1]
+    assert {b["max_tokens"] * b["update_freq"] * b["devices"] for b in batches} == {4000}
 
 
 @pytest.mark.parametrize("args,message", [
-    (("prepare.sh", "wmt15_xx_yy"), "unknown task 'wmt15_xx_yy'; choose one of iwslt14_de_en, toy, wmt14_en_de"),
+    (("prepare.sh", "wmt15_xx_yy"), "unknown task 'wmt15_xx_yy'; choose one of iwslt14_de_en, multi30k_de_en, "
+                                    "multi30k_en_de, multi30k_en_fr, toy, wmt14_en_de"),
+    (("compare.sh", "toy", "relu"), "unknown system 'relu'; choose one of softmax, sparsemax, entmax15"),
+    (("compare.sh", "toy", "--seeds", "0"), "--seeds must be at least 1, got 0"),
     (("train.sh", "toy", "relu"), "unknown system 'relu'; choose one of softmax, sparsemax, entmax15"),
     (("evaluate.sh", "toy", "rela_i"), "no checkpoints for toy/rela_i"),
     (("train.sh", "wmt14_en_de", "rela_g"), "no binarised data for wmt14_en_de"),
@@ -145,9 +150,10 @@ def test_bad_arguments_exit_nonzero_naming_them(tmp_path, args, message):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.one_python
 def test_every_script_has_help(tmp_path):
-    names = ("prepare.sh", "train.sh", "evaluate.sh", "reproduce.sh", "results.sh", "setup_env.sh", "test.sh",
-             "toy_demo.sh")
+    names = ("prepare.sh", "train.sh", "evaluate.sh", "reproduce.sh", "results.sh", "compare.sh", "setup_env.sh",
+             "test.sh", "toy_demo.sh")
     procs = {name: subprocess.Popen(script_command(name, "--help"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True, env=script_env(tmp_path)) for name in names}
     for name, proc in procs.items():
@@ -155,125 +161,52 @@ def test_every_script_has_help(tmp_path):
         assert proc.returncode == 0 and out.strip(), f"{name}: {err[-1000:]}"
 
 
+@pytest.mark.one_python
+def test_scripts_help_works_before_the_environment_exists(tmp_path):
+    """A fresh clone: no environment, no fairseq; a plain python3 prints the pipeline scripts' help."""
+    import shutil
+
+    clone = tmp_path / "clone"
+    for folder in ("scripts", "rela_fairseq", "configs"):
+        shutil.copytree(os.path.join(REPO, folder), clone / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    python = shutil.which("python3", path=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                                          if not p.startswith(os.path.dirname(sys.executable))))
+    probe = subprocess.run([python, "-c", "import fairseq"], capture_output=True)
+    assert probe.returncode != 0, f"{python} has fairseq: this test needs a Python without it"
+    env = {k: v for k, v in os.environ.items() if k not in ("RELA_PYTHON", "VIRTUAL_ENV")}
+    env["PATH"] = os.path.dirname(python) + os.pathsep + "/usr/bin:/bin"
+    for name in ("prepare.sh", "train.sh", "evaluate.sh", "reproduce.sh", "results.sh", "compare.sh"):
+        proc = subprocess.run(["bash", str(clone / "scripts" / name), "--help"], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert proc.returncode == 0 and "usage:" in proc.stdout, f"{name}: {proc.stderr[-2000:]}"
+
+
 # --------------------------------------------------------------------------- downloads, against a local server
-
-def fake_lines(member, n):
-    lang = member.split(".")[-2] if member.endswith(".gz") else member.split(".")[-1]
-    return [f"{lang} sentence {i} of {os.path.basename(member)}" for i in range(n)]
-
-
-def fake_member(member, n):
-    """The bytes of an archive member in its real format: SGML test sets, gzipped text, plain text."""
-    if member.endswith(".sgm"):
-        lang = member.split(".")[-2]
-        segs = "".join(f'<seg id="{i + 1}">{lang}  test   sentence {i} </seg>\n' for i in range(n))
-        return f'<srcset setid="newstest" srclang="any">\n<doc docid="d1" genre="news">\n{segs}</doc>\n</srcset>\n' \
-            .encode()
-    text = ("\n".join(fake_lines(member, n)) + "\n").encode()
-    return gzip.compress(text) if member.endswith(".gz") else text
-
-
-def build_archives(config, out_dir, n=60):
-    """One archive per download of ``config``, holding every member its items name (tgz, or tar for .tar)."""
-    members = {}
-    for split in ("train", "valid", "test"):
-        for item in config["data"][split]:
-            members.setdefault(item["download"], set()).update({item["src"], item["tgt"]})
-    files = {}
-    for name, entry in config["data"]["downloads"].items():
-        file_name = os.path.basename(entry["url"])
-        path = os.path.join(out_dir, file_name)
-        if file_name.endswith(".zip"):
-            with zipfile.ZipFile(path, "w") as zf:
-                for member in sorted(members[name]):
-                    zf.writestr(member, fake_member(member, n))
-        else:
-            with tarfile.open(path, "w" if file_name.endswith(".tar") else "w:gz") as tar:
-                for member in sorted(members[name]):
-                    data = fake_member(member, n)
-                    info = tarfile.TarInfo(member)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        files[name] = path
-    return files
-
-
-class ArchiveServer(http.server.ThreadingHTTPServer):
-    """Serves a folder with HTTP Range support; can cut the first responses of a file short."""
-
-    def __init__(self, folder):
-        self.folder, self.requests, self.cut = folder, [], {}
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    @property
-    def base(self):
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        name = self.path.lstrip("/")
-        path = os.path.join(self.server.folder, name)
-        self.server.requests.append((name, self.headers.get("Range")))
-        if not os.path.isfile(path):
-            self.send_error(404)
-            return
-        data = open(path, "rb").read()
-        start = 0
-        match = re.match(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        if match:
-            start = int(match.group(1))
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        body = data[start:]
-        if self.server.cut.get(name, 0) > 0:  # simulate a dropped connection half-way
-            self.server.cut[name] -= 1
-            body = body[: len(body) // 2]
-        self.wfile.write(body)
-
 
 @pytest.fixture
 def server(tmp_path):
     folder = tmp_path / "served"
     folder.mkdir()
-    srv = ArchiveServer(str(folder))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
+    srv = ArchiveServer(str(folder)).start()
     yield srv
     srv.shutdown()
 
 
 def local_config(task, server, config_dir, archives_dir):
-    """The real task config, its download addresses pointed at the local server and its checksums at the fake
-    archives'; every member path and format stays as in the real file."""
-    from rela_fairseq.pipeline.config import config_dir as real_dir
-
-    with open(os.path.join(real_dir(), f"{task}.yaml")) as f:
-        config = yaml.safe_load(f)
-    files = build_archives(config, archives_dir)
-    for name, entry in config["data"]["downloads"].items():
-        data = open(files[name], "rb").read()
-        entry["url"] = f"{server.base}/{os.path.basename(files[name])}"
-        entry.pop("sha256", None)
-        entry["md5"] = hashlib.md5(data).hexdigest()
-    os.makedirs(config_dir, exist_ok=True)
-    shutil.copy(os.path.join(real_dir(), "_defaults.yaml"), config_dir)
-    with open(os.path.join(config_dir, f"{task}.yaml"), "w") as f:
-        yaml.safe_dump(config, f)
+    """The real task config, its download addresses pointed at the local server, which serves archives built from
+    the manifest of the real ones; every member path and format stays as in the real file."""
+    config = real_config(task)
+    files = serve_config(config, server, str(archives_dir))
+    write_local_configs(task, config, config_dir)
     return config, files
 
 
+@pytest.mark.one_python
 def test_prepare_wmt_task_from_a_local_server(server, tmp_path):
     """WMT14 En-Fr: tgz archives, a plain tar with gzipped text inside, SGML dev and test sets."""
     config_dir = tmp_path / "configs"
-    config, _ = local_config("wmt14_en_fr", server, config_dir, server.folder)
+    local_config("wmt14_en_fr", server, config_dir, server.folder)
     env = script_env(tmp_path, QUICK=1, RELA_CONFIG_DIR=config_dir)
     run_script("prepare.sh", "wmt14_en_fr", env=env)
     data = tmp_path / "data" / "wmt14_en_fr-quick"
@@ -289,12 +222,37 @@ def test_prepare_wmt_task_from_a_local_server(server, tmp_path):
     assert len(server.requests) == before and "[download] already done" in again.stderr
 
 
+@pytest.mark.one_python
+@pytest.mark.parametrize("task", ["wmt16_ro_en", "wmt18_en_fi", "iwslt14_de_en"])
+def test_other_wmt_layouts_download_and_extract_from_a_local_server(server, tmp_path, monkeypatch, task):
+    """Ro-En (the WMT16 Europarl v8 archive, the SETimes2 zip), En-Fi (' ||| ' Wiki Headlines columns) and IWSLT14
+    (train.tags, XML) extract with the member paths of the real configs (download and extract, in process)."""
+    from rela_fairseq.pipeline.config import load_task
+    from rela_fairseq.pipeline.download import fetch
+    from rela_fairseq.pipeline.prepare import _extract
+
+    config_dir = tmp_path / "configs"
+    config, _ = local_config(task, server, config_dir, server.folder)
+    monkeypatch.setenv("RELA_CONFIG_DIR", str(config_dir))
+    monkeypatch.setenv("DATA_ROOT", str(tmp_path / "data"))
+    loaded = load_task(task, quick=True)
+    for entry in loaded["data"]["downloads"].values():
+        fetch(entry, loaded.path("downloads"), progress=False)
+    _extract(loaded)
+    src, tgt = config["src"], config["tgt"]
+    train_src = (tmp_path / "data" / f"{task}-quick" / "raw" / f"train.{src}").read_text().splitlines()
+    train_tgt = (tmp_path / "data" / f"{task}-quick" / "raw" / f"train.{tgt}").read_text().splitlines()
+    assert len(train_src) == len(train_tgt) > 0
+    for s, t in zip(train_src, train_tgt):  # every pair stays aligned, each side in its language
+        assert s.split()[0] == src and t.split()[0] == tgt, (s, t)
+
+
+@pytest.mark.one_python
 def test_checksum_mismatch_is_a_clear_error_and_keeps_no_partial_file(server, tmp_path):
     config_dir = tmp_path / "configs"
     config, files = local_config("wmt14_en_de", server, config_dir, server.folder)
     config["data"]["downloads"]["commoncrawl"]["md5"] = "0" * 32
-    with open(config_dir / "wmt14_en_de.yaml", "w") as f:
-        yaml.safe_dump(config, f)
+    write_local_configs("wmt14_en_de", config, config_dir)
     env = script_env(tmp_path, QUICK=1, RELA_CONFIG_DIR=config_dir)
     proc = run_script("prepare.sh", "wmt14_en_de", env=env, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
@@ -305,6 +263,7 @@ def test_checksum_mismatch_is_a_clear_error_and_keeps_no_partial_file(server, tm
     assert not (downloads / "training-parallel-commoncrawl.tgz.part").exists()
 
 
+@pytest.mark.one_python
 def test_interrupted_download_resumes_where_it_stopped(server, tmp_path):
     config_dir = tmp_path / "configs"
     _, files = local_config("wmt14_en_de", server, config_dir, server.folder)
@@ -319,12 +278,13 @@ def test_interrupted_download_resumes_where_it_stopped(server, tmp_path):
     assert 0 < have < size
     assert not (part.parent / name).exists(), "a partial file must never carry the final name"
     run_script("prepare.sh", "wmt14_en_de", env=env)
-    ranges = [r for n, r in server.requests if n == name and r]
+    ranges = [r for method, n, r in server.requests if n == name and r]
     assert f"bytes={have}-" in ranges, ranges
     data = (part.parent / name).read_bytes()
     assert data == open(files["europarl_v7"], "rb").read()
 
 
+@pytest.mark.one_python
 def test_mirror_folder_replaces_the_addresses(tmp_path):
     from rela_fairseq.pipeline.download import resolve_url
 

@@ -1,4 +1,4 @@
-"""Word alignments from cross-attention (``shared/spec/rela.md`` §4).
+"""Word alignments from cross-attention (docs/analysis.md).
 
 The reference is teacher-forced. For target subword y_i:
 
@@ -75,7 +75,7 @@ class AlignmentCollector:
 
     def add(self, batch):
         pad, eos = batch.pad, batch.eos
-        cross = {layer: w for (kind, layer), w in batch.attention.items() if kind == "cross"}
+        cross = {layer: w for (attention_type, layer), w in batch.attention.items() if attention_type == "cross"}
         for b, sid in enumerate(batch.ids.tolist()):
             src = batch.src_tokens[b]
             src_positions = (src.ne(pad) & src.ne(eos)).nonzero().squeeze(-1)
@@ -109,7 +109,7 @@ class AlignmentCollector:
         return [by_id[sid] for sid in self.sentence_ids()]
 
 
-def format_links(links):
-    """0-based ``i-j`` pairs, sorted: the usual hypothesis format."""
+def links_text(links):
+    """0-based ``i-j`` pairs, sorted: the usual hypothesis format (a gold set's format: ``toy.gold_links_text``)."""
     return " ".join(f"{i}-{j}" for i, j in sorted(links))
 

@@ -15,7 +15,9 @@ import os
 import sys
 
 from ..errors import RelaFairseqError
-from .metrics import LOG_BASE, TYPE_LABELS
+from ..settings import ATTENTION_TYPE, ATTENTION_TYPES
+from .align import SEGMENTATIONS
+from .metrics import LOG_BASE
 
 
 def _pct(value):
@@ -31,10 +33,10 @@ def attention_table(summary, label=""):
     lines = []
     head = f"Attention statistics{(' of ' + label) if label else ''} (valid query-key pairs only; "
     lines.append(head + f"JS diversity in nats, log base {LOG_BASE.split()[0]})")
-    for kind, data in summary["types"].items():
+    for attention_type, data in summary["types"].items():
         o = data["overall"]
         lines.append("")
-        lines.append(f"{TYPE_LABELS[kind]}: sparsity {_pct(o['sparsity']).strip()}, null rate "
+        lines.append(f"{ATTENTION_TYPE[attention_type].label}: sparsity {_pct(o['sparsity']).strip()}, null rate "
                      f"{_pct(o['null_rate']).strip()}, JS {_num(o['js'])}")
         lines.append("  layer  sparsity  null rate     JS  JS(null=uniform)  per head: sparsity/null")
         for row in data["layers"]:
@@ -90,7 +92,7 @@ def build_parser():
     p.add_argument("--gold-index-base", type=int, choices=(0, 1), default=1, help="default 1, as the standard sets")
     p.add_argument("--swap", action="store_true",
                    help="write links as (target word, source word): the gold has the other direction")
-    p.add_argument("--segmentation", choices=("auto", "spm", "bpe", "none"), default="auto",
+    p.add_argument("--segmentation", choices=SEGMENTATIONS, default="auto",
                    help="subword style for the word mapping (default: detected)")
     p.add_argument("--output-dir", help="where to write the best settings' alignments (default: beside the "
                                         "checkpoint, alignments-<subset>/)")
@@ -109,7 +111,7 @@ def build_parser():
     h = plots.add_parser("heatmap", help="attention heat maps of chosen sentences, one panel per head")
     _add_model_args(h)
     h.add_argument("--sentence", type=int, nargs="+", default=[0], help="sentence ids in the subset (default 0)")
-    h.add_argument("--type", choices=("encoder", "decoder", "cross"), default="cross")
+    h.add_argument("--type", choices=[t.name for t in ATTENTION_TYPES], default="cross")
     h.add_argument("--layer", type=int, nargs="+", help="layers, 1-based (default: all)")
     h.add_argument("--output-dir", default="plots")
     h.add_argument("--pdf", action="store_true")
@@ -168,8 +170,8 @@ def run(args, parser):
         parser.error(f"--path {args.path}: no such checkpoint")
     model, task = load_model(args.path, args.data, args.gen_subset, cpu=not args.cuda)
     if args.command == "attention":
-        report, _ = analyse(model, task, args.gen_subset, max_tokens=args.max_tokens, progress=not args.json)
-        print(json.dumps(report["attention"]) if args.json else attention_table(report["attention"], args.path))
+        result = analyse(model, task, args.gen_subset, max_tokens=args.max_tokens, progress=not args.json)
+        print(json.dumps(result.attention) if args.json else attention_table(result.attention, args.path))
         return 0
     if args.command == "align":
         return _align(args, model, task)
@@ -177,13 +179,12 @@ def run(args, parser):
 
 
 def _align(args, model, task):
-    from . import analyse
-    from .align import format_links
+    from . import AlignmentSettings, analyse
+    from .align import links_text
 
-    report, collector = analyse(model, task, args.gen_subset, gold=args.gold, gold_index_base=args.gold_index_base,
-                                swap=args.swap, segmentation=args.segmentation, max_tokens=args.max_tokens,
-                                progress=not args.json)
-    summary = report["alignment"]
+    settings = AlignmentSettings(args.gold, args.gold_index_base, args.swap, args.segmentation)
+    result = analyse(model, task, args.gen_subset, settings, max_tokens=args.max_tokens, progress=not args.json)
+    summary, collector = result.alignment, result.collector
     out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.path)),
                                               f"alignments-{args.gen_subset}")
     os.makedirs(out_dir, exist_ok=True)
@@ -195,7 +196,7 @@ def _align(args, model, task):
         path = os.path.join(out_dir, name)
         with open(path, "w", encoding="utf-8") as f:
             for links in collector.hypothesis((entry["layer"], entry["head"], entry["mode"])):
-                f.write(format_links(links) + "\n")
+                f.write(links_text(links) + "\n")
         files[key] = path
     summary["files"] = files
     if args.json:
@@ -210,7 +211,7 @@ def _align(args, model, task):
 
 def _heatmaps(args, model, task):
     from . import plots
-    from .forced import forced_batches
+    from .forced import forced_batches, sentence_maps
 
     wanted = set(args.sentence)
     n = len(task.dataset(args.gen_subset))
@@ -222,26 +223,14 @@ def _heatmaps(args, model, task):
         for b, sid in enumerate(batch.ids.tolist()):
             if sid not in wanted:
                 continue
-            src = batch.src_tokens[b]
-            src_keep = src.ne(batch.pad)
-            src_tokens = [task.source_dictionary[int(t)] for t in src[src_keep]]
-            tgt_keep = batch.prev_output_tokens[b].ne(batch.pad)
-            dec_in = [task.target_dictionary[int(t)] for t in batch.prev_output_tokens[b][tgt_keep]]
-            out_tokens = [task.target_dictionary[int(t)] for t in batch.target[b][tgt_keep]]
-            layers = sorted(layer for kind, layer in batch.attention if kind == args.type)
-            for layer in layers:
+            maps, rows, cols = sentence_maps(batch, b, args.type, task.source_dictionary, task.target_dictionary)
+            for layer, w in sorted(maps.items()):
                 if args.layer and layer + 1 not in args.layer:
                     continue
-                w = batch.attention[(args.type, layer)][b]
-                if args.type == "encoder":
-                    w, rows, cols = w[:, src_keep][:, :, src_keep], src_tokens, src_tokens
-                elif args.type == "decoder":
-                    w, rows, cols = w[:, tgt_keep][:, :, tgt_keep], dec_in, dec_in
-                else:
-                    w, rows, cols = w[:, tgt_keep][:, :, src_keep], out_tokens, src_tokens
                 name = f"sentence{sid}_{args.type}_layer{layer + 1}.png"
                 written += plots.heatmap(w, cols, rows, os.path.join(args.output_dir, name),
-                                         f"sentence {sid}, {TYPE_LABELS[args.type]}, layer {layer + 1}", args.pdf)
+                                         f"sentence {sid}, {ATTENTION_TYPE[args.type].label}, layer {layer + 1}",
+                                         args.pdf)
             wanted.discard(sid)
         if not wanted:
             break

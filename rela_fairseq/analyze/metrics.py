@@ -1,4 +1,4 @@
-"""Attention statistics of ``shared/spec/rela.md`` §4, accumulated batch by batch.
+"""Attention statistics (docs/analysis.md), accumulated batch by batch.
 
 All counts are over **valid** (query, key) pairs only: no padding on either side, and key ≤ query in decoder
 self-attention. Weights are eval-mode, pre-dropout, fp32.
@@ -13,12 +13,12 @@ self-attention. Weights are eval-mode, pre-dropout, fp32.
 Only sums are kept between batches, so memory does not grow with the test set.
 """
 
-import math
+from __future__ import annotations
 
 import torch
 
-ATTENTION_TYPES = ("encoder", "decoder", "cross")
-TYPE_LABELS = {"encoder": "encoder self-attention", "decoder": "decoder self-attention", "cross": "cross-attention"}
+from ..settings import ATTENTION_TYPES
+
 LOG_BASE = "e (nats)"
 
 
@@ -64,8 +64,8 @@ class AttentionStats:
     def __init__(self):
         self.sums = {}
 
-    def _slot(self, kind, layer, heads):
-        key = (kind, layer)
+    def _slot(self, attention_type, layer, heads):
+        key = (attention_type, layer)
         if key not in self.sums:
             self.sums[key] = {
                 "pairs": torch.zeros(heads, dtype=torch.float64),
@@ -76,11 +76,11 @@ class AttentionStats:
             }
         return self.sums[key]
 
-    def add(self, kind, layer, weights, pairs):
+    def add(self, attention_type, layer, weights, pairs):
         """weights [B, H, T, S] pre-dropout; pairs [B, T, S] valid (query, key) pairs."""
         weights = weights.float()
         heads = weights.size(1)
-        slot = self._slot(kind, layer, heads)
+        slot = self._slot(attention_type, layer, heads)
         valid = pairs[:, None].expand_as(weights)
         slot["pairs"] += valid.sum((0, 2, 3)).double()
         slot["zero_pairs"] += ((weights == 0) & valid).sum((0, 2, 3)).double()
@@ -98,14 +98,14 @@ class AttentionStats:
     def summary(self):
         """Nested dict: {type: {overall: {...}, layers: [{layer, sparsity, null_rate, js, heads: [...]}, ...]}}."""
         out = {"log_base": LOG_BASE, "types": {}}
-        for kind in ATTENTION_TYPES:
-            layers = sorted(layer for k, layer in self.sums if k == kind)
+        for attention_type in (t.name for t in ATTENTION_TYPES):
+            layers = sorted(layer for k, layer in self.sums if k == attention_type)
             if not layers:
                 continue
             rows, total = [], {"pairs": 0.0, "zero_pairs": 0.0, "queries": 0.0, "null_queries": 0.0,
                                "js_sum": 0.0, "js_queries": 0}
             for layer in layers:
-                s = self.sums[(kind, layer)]
+                s = self.sums[(attention_type, layer)]
                 heads = [{"head": h, "sparsity": _ratio(s["zero_pairs"][h], s["pairs"][h]),
                           "null_rate": _ratio(s["null_queries"][h], s["queries"][h])}
                          for h in range(len(s["pairs"]))]
@@ -122,7 +122,7 @@ class AttentionStats:
                     total[key] += float(s[key].sum())
                 total["js_sum"] += s["js_sum"]
                 total["js_queries"] += s["js_queries"]
-            out["types"][kind] = {
+            out["types"][attention_type] = {
                 "overall": {"sparsity": _ratio(total["zero_pairs"], total["pairs"]),
                             "null_rate": _ratio(total["null_queries"], total["queries"]),
                             "js": _ratio(total["js_sum"], total["js_queries"]),
@@ -139,8 +139,3 @@ class AttentionStats:
 def _ratio(num, den):
     num, den = float(num), float(den)
     return num / den if den else None
-
-
-def js_upper_bound(heads):
-    """JS over H heads is at most ln H (disjoint supports)."""
-    return math.log(heads)

@@ -3,11 +3,10 @@
 Every function writes PNG, and PDF too when ``pdf=True``; it returns the paths written.
 """
 
-import math
 import os
 
 from ..errors import require
-from .metrics import ATTENTION_TYPES, TYPE_LABELS
+from ..settings import ATTENTION_TYPE, ATTENTION_TYPES
 
 
 def _pyplot():
@@ -34,41 +33,55 @@ def _save(fig, path, pdf):
 def heatmap(weights, src_tokens, tgt_tokens, path, title="", pdf=False):
     """One panel per head: rows are target tokens (decoder steps), columns source tokens. Exact zeros are white;
     a null row (all zero: the head is switched off for that query) is marked with a red ∅ on its label."""
-    plt = _pyplot()
-    import numpy as np
+    return heatmap_grid({"": weights}, src_tokens, tgt_tokens, path, title, pdf, max_columns=4)
 
-    weights = weights.float().numpy()
-    heads = weights.shape[0]
-    cols = min(heads, 4)
-    rows = math.ceil(heads / cols)
+
+def heatmap_grid(weights_by_label, src_tokens, tgt_tokens, path, title="", pdf=False, max_columns=None):
+    """Heat maps of several models for one sentence: a row of head panels per label (``{label: weights [H, T, S]}``,
+    same tokens); with one unlabelled model and ``max_columns``, its heads wrap onto several rows."""
+    plt = _pyplot()
+
+    panels = []  # (label, head, weights [T, S]) in reading order
+    for label, weights in weights_by_label.items():
+        weights = weights.float().numpy()
+        panels += [(label, h, weights[h]) for h in range(weights.shape[0])]
+    per_row = max(w.shape[0] for w in weights_by_label.values())
+    cols = min(per_row, max_columns) if max_columns else per_row
+    rows = -(-len(panels) // cols) if max_columns else len(weights_by_label)
     width = max(3.0, 0.28 * len(src_tokens) + 1.5)
     height = max(2.5, 0.28 * len(tgt_tokens) + 1.2)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * width, rows * height), squeeze=False)
     cmap = plt.get_cmap("viridis").copy()
     cmap.set_bad("white")
-    for h in range(rows * cols):
-        ax = axes[h // cols][h % cols]
-        if h >= heads:
-            ax.axis("off")
-            continue
-        w = weights[h]
-        masked = np.ma.masked_where(w == 0, w)
-        image = ax.imshow(masked, cmap=cmap, aspect="auto", interpolation="nearest",
-                          vmin=0, vmax=max(float(w.max()), 1e-9))
-        null = ~(w != 0).any(axis=1)
-        ax.set_xticks(range(len(src_tokens)))
-        ax.set_xticklabels(src_tokens, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(tgt_tokens)))
-        ax.set_yticklabels([("∅ " if null[i] else "") + t for i, t in enumerate(tgt_tokens)], fontsize=7)
-        for label, is_null in zip(ax.get_yticklabels(), null):
-            if is_null:
-                label.set_color("red")
-        ax.set_title(f"head {h}" + (f"  ({int(null.sum())} null rows)" if null.any() else ""), fontsize=8)
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (label, head, w) in enumerate(panels):
+        r, c = (divmod(i, cols) if max_columns else (list(weights_by_label).index(label), head))
+        _heatmap_panel(fig, axes[r][c], cmap, w, src_tokens, tgt_tokens,
+                       f"{label + ', ' if label else ''}head {head}")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path, pdf)
+
+
+def _heatmap_panel(fig, ax, cmap, w, src_tokens, tgt_tokens, title):
+    import numpy as np
+
+    ax.axis("on")
+    masked = np.ma.masked_where(w == 0, w)
+    image = ax.imshow(masked, cmap=cmap, aspect="auto", interpolation="nearest", vmin=0,
+                      vmax=max(float(w.max()), 1e-9))
+    null = ~(w != 0).any(axis=1)
+    ax.set_xticks(range(len(src_tokens)))
+    ax.set_xticklabels(src_tokens, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(tgt_tokens)))
+    ax.set_yticklabels([("∅ " if null[i] else "") + t for i, t in enumerate(tgt_tokens)], fontsize=7)
+    for label, is_null in zip(ax.get_yticklabels(), null):
+        if is_null:
+            label.set_color("red")
+    ax.set_title(title + (f"  ({int(null.sum())} null rows)" if null.any() else ""), fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
 
 
 def layer_head_stats(summaries, path, metric="sparsity", pdf=False):
@@ -79,12 +92,13 @@ def layer_head_stats(summaries, path, metric="sparsity", pdf=False):
     import numpy as np
 
     labels = list(summaries)
-    kinds = [k for k in ATTENTION_TYPES if any(k in s["types"] for s in summaries.values())]
-    fig, axes = plt.subplots(len(labels), len(kinds), figsize=(4.2 * len(kinds), 3.0 * len(labels)), squeeze=False)
+    attention_types = [t.name for t in ATTENTION_TYPES if any(t.name in s["types"] for s in summaries.values())]
+    fig, axes = plt.subplots(len(labels), len(attention_types), figsize=(4.2 * len(attention_types), 3.0 * len(labels)),
+                             squeeze=False)
     for r, label in enumerate(labels):
-        for c, kind in enumerate(kinds):
+        for c, attention_type in enumerate(attention_types):
             ax = axes[r][c]
-            layers = summaries[label]["types"].get(kind, {}).get("layers", [])
+            layers = summaries[label]["types"].get(attention_type, {}).get("layers", [])
             if not layers:
                 ax.axis("off")
                 continue
@@ -99,7 +113,7 @@ def layer_head_stats(summaries, path, metric="sparsity", pdf=False):
             ax.set_yticklabels([str(layer["layer"] + 1) for layer in layers])
             ax.set_xlabel("head")
             ax.set_ylabel("layer")
-            ax.set_title(f"{label}: {TYPE_LABELS[kind]}", fontsize=9)
+            ax.set_title(f"{label}: {ATTENTION_TYPE[attention_type].label}", fontsize=9)
             fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label=f"{metric.replace('_', ' ')} (%)")
     fig.tight_layout()
     return _save(fig, path, pdf)

@@ -1,7 +1,9 @@
-"""The reproduction pipeline: ``python -m rela_fairseq.pipeline {prepare,train,evaluate,reproduce,results} ...``.
+"""The reproduction pipeline: ``python -m rela_fairseq.pipeline COMMAND ...``.
 
-scripts/prepare.sh, train.sh, evaluate.sh, reproduce.sh and results.sh call this; see their --help.
+scripts/prepare.sh, train.sh, evaluate.sh, reproduce.sh, results.sh and compare.sh call this; see their --help.
 """
+
+from __future__ import annotations
 
 import argparse
 import logging
@@ -18,7 +20,7 @@ EPILOG = """environment:
 """
 
 
-def _tasks_help():
+def _tasks_help() -> str:
     from .config import available_tasks
 
     try:
@@ -27,43 +29,71 @@ def _tasks_help():
         return str(exc)
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rela_fairseq.pipeline", description=__doc__.split("\n\n")[0],
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     tasks, systems = _tasks_help(), ", ".join(SYSTEMS)
 
-    def add(name, help, system=True, extra=False):
+    def add(name: str, help: str, system: bool = True, extra: bool = False, seed: bool = False):
         p = sub.add_parser(name, help=help, description=help, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("task", metavar="TASK", help=f"one of: {tasks}")
         if system:
             p.add_argument("system", metavar="SYSTEM", help=f"one of: {systems}")
+        if seed:
+            p.add_argument("--seed", type=int, help="train with this seed instead of the config's (checkpoints and "
+                                                    "results then go to SYSTEM-seedN)")
         if extra:
             p.add_argument("fairseq_args", nargs=argparse.REMAINDER, metavar="...",
-                           help="extra fairseq-train options, appended last (they win)")
+                           help="extra fairseq-train options, appended last (they win); '--' may separate them")
         return p
 
-    p = add("prepare", "download (with checksums, resumable), normalise, clean, sentencepiece, binarise", system=False)
+    p = add("prepare", "download (with checksums, resumable), normalise, clean, sentencepiece, binarise; each step "
+                       "re-runs when its settings change", system=False)
     p.add_argument("--mirror", help="base URL or local folder holding the downloads (overrides RELA_DOWNLOAD_MIRROR)")
     p.add_argument("--workers", type=int, help="processes for encoding and binarising (default: CPUs, at most 8)")
-    add("train", "train SYSTEM on TASK with the paper's settings; resumes from the last checkpoint", extra=True)
-    add("evaluate", "average the last checkpoints, decode the test set, score with SacreBLEU and chrF")
-    p = add("reproduce", "prepare, train and evaluate in a row", extra=True)
+    p.add_argument("--check", action="store_true",
+                   help="prepare nothing: check that every address answers and that checksums and archive members "
+                        "match the config, fetching only what that needs")
+    p.add_argument("--check-max-mb", type=float, default=64.0, metavar="MB",
+                   help="with --check: stream files up to this size whole to verify checksum and members (default 64)")
+    add("train", "train SYSTEM on TASK with the paper's settings; resumes from the last checkpoint", extra=True,
+        seed=True)
+    add("evaluate", "average the last checkpoints, decode the test set, score with SacreBLEU and chrF", seed=True)
+    p = add("reproduce", "prepare, train and evaluate in a row", extra=True, seed=True)
     p.add_argument("--mirror", help="as for prepare")
-    p = sub.add_parser("toy-report", help="softmax and ReLA-g side by side on the toy task, with plots "
-                                          "(after reproduce toy softmax / rela_g)")
+    p = sub.add_parser("compare", help="train, evaluate and analyse several systems on one task; one table",
+                       description="train what is missing, evaluate, analyse attention, measure speed against "
+                                   "softmax, and print one table (written with a JSON and plots beside it)",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", metavar="TASK", help=f"one of: {tasks}")
+    p.add_argument("systems", metavar="SYSTEM", nargs="*", help=f"default: all six ({systems})")
+    p.add_argument("--seeds", type=int, default=1, help="train each system with this many seeds and report mean ± "
+                                                        "standard deviation (default 1)")
+    p.add_argument("--mirror", help="as for prepare")
+    sub.add_parser("toy-report", help="softmax and ReLA-g side by side on the toy task, with plots "
+                                      "(after reproduce toy softmax / rela_g)")
     p = sub.add_parser("results", help="all JSON results as a Markdown table beside the paper's numbers")
     p.add_argument("--output", help="also write the table to this file")
     return parser
 
 
-def main(argv=None):
+def fairseq_extra_args(remainder: list[str]) -> list[str]:
+    """The extra fairseq options after TASK SYSTEM: a leading '--' separates them and is dropped, no other one."""
+    return remainder[1:] if remainder[:1] == ["--"] else list(remainder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..quiet import quiet_known_warnings
+
+    quiet_known_warnings()
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
                         stream=sys.stderr, force=True)  # fairseq's imports may have set the root logger to DEBUG
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
-    from .config import check_system, load_task
+    from ..systems import get_system
+    from .config import load_task
 
     if args.command == "results":
         from .results import main_results
@@ -75,9 +105,23 @@ def main(argv=None):
         toy_report(load_task("toy"))
         return 0
     task = load_task(args.task)
+    if args.command == "compare":
+        from .compare import compare
+
+        for system in args.systems:
+            get_system(system)
+        if args.seeds < 1:
+            raise RelaFairseqError(f"--seeds must be at least 1, got {args.seeds}")
+        compare(task, args.systems or list(SYSTEMS), seeds=args.seeds, mirror=args.mirror)
+        return 0
     if getattr(args, "system", None):
-        check_system(args.system)
-    extra = [a for a in getattr(args, "fairseq_args", []) if a != "--"]
+        get_system(args.system)
+    if args.command == "prepare" and args.check:
+        from .check import check
+
+        return 0 if check(task, mirror=args.mirror, max_mb=args.check_max_mb) else 1
+    extra = fairseq_extra_args(getattr(args, "fairseq_args", []))
+    seed = getattr(args, "seed", None)
     if args.command in ("prepare", "reproduce"):
         from .prepare import prepare
 
@@ -85,11 +129,11 @@ def main(argv=None):
     if args.command in ("train", "reproduce"):
         from .train import train
 
-        train(task, args.system, extra)
+        train(task, args.system, extra, seed=seed)
     if args.command in ("evaluate", "reproduce"):
         from .evaluate import evaluate
 
-        evaluate(task, args.system)
+        evaluate(task, args.system, seed=seed)
     return 0
 
 
@@ -98,7 +142,7 @@ if __name__ == "__main__":
         sys.exit(main())
     except RelaFairseqError as exc:  # one line, no traceback
         sys.stderr.write(f"rela_fairseq: error: {exc}\n")
-        sys.exit(1)
+        sys.exit(getattr(exc, "returncode", 1) or 1)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; run the same command again to resume\n")
         sys.exit(130)

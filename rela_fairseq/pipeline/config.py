@@ -1,4 +1,9 @@
-"""Task configurations (``configs/<task>.yaml``) and where the pipeline keeps its files.
+"""Task configurations (``configs/<task>.yaml`` on top of ``configs/_defaults.yaml``) and where the pipeline keeps
+its files.
+
+Every key of a configuration is checked against ``SCHEMA`` at every level: a misspelt key (``warmup_update``) or a
+value of the wrong type is an error naming the file, the key and the accepted keys, never a silently ignored setting.
+``configs/README.md`` documents the keys.
 
 Paths come from the environment, with defaults under the project's ``work/`` folder (ignored by git):
 
@@ -10,22 +15,166 @@ Paths come from the environment, with defaults under the project's ``work/`` fol
                      code; quick runs live in folders of their own (<task>-quick) and never mix with real ones.
 """
 
+from __future__ import annotations
+
 import copy
 import os
+from typing import Any
 
 from ..errors import RelaConfigError
 from ..systems import SYSTEMS
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOP_LEVEL_KEYS = {"description", "src", "tgt", "data", "clean", "sentencepiece", "train", "evaluate", "paper", "quick"}
-REQUIRED_KEYS = {"description", "src", "tgt", "data", "sentencepiece", "train", "evaluate"}
 
 
-def config_dir():
+# --------------------------------------------------------------------------- the schema
+
+class ListOf:
+    def __init__(self, item: Any):
+        self.item = item
+
+
+class MapOf:
+    """A mapping with free keys (``keys``: the accepted ones, if limited) whose values follow ``value``."""
+
+    def __init__(self, value: Any, keys: tuple[str, ...] | None = None):
+        self.value, self.keys = value, keys
+
+
+NUMBER = (int, float)
+SCALAR = (str, int, float)
+
+DOWNLOAD = {
+    "url": str,
+    "urls": ListOf(str),  # an archive split into pieces, concatenated in this order
+    "md5": str,
+    "sha256": str,
+    "file": str,  # the local file name, when the address's is not unique
+    "recipes": ListOf(str),  # public recipes that use this address and these members (see configs/README.md)
+    "note": str,
+}
+ITEM = {  # one corpus of a split: where each side comes from
+    "download": str,  # both sides from one download ...
+    "src_download": str,  # ... or each side from its own
+    "tgt_download": str,
+    "src": str,  # the archive member holding each side (omitted: the download is the text itself)
+    "tgt": str,
+    "format": str,
+    "src_column": int,
+    "tgt_column": int,
+}
+TASK_KEYS = {
+    "description": str,
+    "src": str,
+    "tgt": str,
+    "data": {
+        "downloads": MapOf(DOWNLOAD),
+        "train": ListOf(ITEM),
+        "valid": ListOf(ITEM),
+        "test": ListOf(ITEM),
+        "sacrebleu": {"test_set": str, "langpair": str},  # how sacrebleu -t names the test set, where it knows it
+        "test_name": str,  # the test set's name otherwise
+        "max_train_sentences": int,
+        "max_test_sentences": int,
+        "generator": str,
+        "sizes": {"train": int, "valid": int, "test": int},
+        "seed": int,
+    },
+    "clean": {"max_tokens": int, "max_ratio": NUMBER},
+    "sentencepiece": {  # sentencepiece trainer options
+        "vocab_size": int,
+        "model_type": str,
+        "character_coverage": NUMBER,
+        "input_sentence_size": int,
+        "user_defined_symbols": ListOf(str),
+        "byte_fallback": bool,
+        "split_digits": bool,
+        "normalization_rule_name": str,
+        "max_sentence_length": int,
+    },
+    "train": {
+        "arch": str,
+        "tokens_per_update": int,  # kept on any number of devices (train.py)
+        "max_tokens": int,  # per device, at most
+        "lr": NUMBER,
+        "warmup_updates": int,
+        "warmup_init_lr": NUMBER,
+        "max_update": int,
+        "dropout": NUMBER,
+        "attention_dropout": NUMBER,
+        "activation_dropout": NUMBER,
+        "label_smoothing": NUMBER,
+        "weight_decay": NUMBER,
+        "clip_norm": NUMBER,
+        "save_interval_updates": int,
+        "keep_interval_updates": int,
+        "keep_last_epochs": int,
+        "validate_interval_updates": int,
+        "log_interval": int,
+        "seed": int,
+        "extra": ListOf(SCALAR),  # more fairseq-train options, verbatim
+    },
+    "evaluate": {"average_last": int, "beam": int, "lenpen": NUMBER, "max_tokens": int, "max_len_a": NUMBER,
+                 "max_len_b": int, "tokenized_bleu": bool},
+    "compare": {  # scripts/compare.sh
+        "heatmap_sentences": ListOf(int),  # test sentences whose cross-attention is plotted
+        "speed_updates": int,  # fairseq-train updates timed per system and round
+        "speed_sentences": int,  # test sentences decoded per system and round
+        "speed_rounds": int,
+    },
+    "paper": MapOf(NUMBER, keys=tuple(SYSTEMS)),
+}
+SCHEMA = dict(TASK_KEYS, quick=TASK_KEYS)  # `quick`: overrides applied with QUICK=1, any key of a task
+REQUIRED_KEYS = ("description", "src", "tgt", "data", "sentencepiece.vocab_size", "train.arch",
+                 "train.tokens_per_update", "train.max_tokens", "train.seed", "evaluate.average_last", "evaluate.beam",
+                 "evaluate.lenpen", "evaluate.max_tokens")
+
+
+def _type_name(spec: Any) -> str:
+    if isinstance(spec, tuple):
+        return " or ".join(t.__name__ for t in spec)
+    if isinstance(spec, dict):
+        return "a mapping"
+    if isinstance(spec, (ListOf, MapOf)):
+        return "a list" if isinstance(spec, ListOf) else "a mapping"
+    return spec.__name__
+
+
+def check_schema(value: Any, spec: Any, where: str, path: str) -> None:
+    """Raise a RelaConfigError naming ``path`` (the file), the key and the accepted keys or type."""
+    def fail(message: str) -> None:
+        raise RelaConfigError(f"{path}: {message}")
+
+    if isinstance(spec, dict) or isinstance(spec, MapOf):
+        if not isinstance(value, dict):
+            fail(f"{where or 'the file'} should be a mapping of settings, got {type(value).__name__} {value!r}")
+        for key, item in value.items():
+            key_where = f"{where}.{key}" if where else str(key)
+            accepted = list(spec) if isinstance(spec, dict) else spec.keys
+            if accepted is not None and key not in accepted:
+                fail(f"unknown key {key_where!r}; accepted keys "
+                     f"{'under ' + repr(where) if where else 'at the top level'}: {', '.join(accepted)}")
+            check_schema(item, spec[key] if isinstance(spec, dict) else spec.value, key_where, path)
+        return
+    if isinstance(spec, ListOf):
+        if not isinstance(value, list):
+            fail(f"{where} should be a list, got {type(value).__name__} {value!r}")
+        for i, item in enumerate(value):
+            check_schema(item, spec.item, f"{where}[{i}]", path)
+        return
+    types = spec if isinstance(spec, tuple) else (spec,)
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if value is not None and not ok:
+        fail(f"{where} = {value!r} should be {_type_name(spec)}")
+
+
+# --------------------------------------------------------------------------- tasks
+
+def config_dir() -> str:
     return os.environ.get("RELA_CONFIG_DIR") or os.path.join(PROJECT_ROOT, "configs")
 
 
-def available_tasks():
+def available_tasks() -> list[str]:
     directory = config_dir()
     if not os.path.isdir(directory):
         raise RelaConfigError(f"no task configurations at {directory}: run the scripts from a checkout of "
@@ -33,7 +182,7 @@ def available_tasks():
     return sorted(name[:-5] for name in os.listdir(directory) if name.endswith(".yaml") and not name.startswith("_"))
 
 
-def quick_mode():
+def quick_mode() -> bool:
     value = os.environ.get("QUICK", "0").strip().lower()
     if value in ("", "0", "false", "no"):
         return False
@@ -42,87 +191,136 @@ def quick_mode():
     raise RelaConfigError(f"QUICK={value!r}: use QUICK=1 for a smoke run or QUICK=0 (default)")
 
 
-def _merge(base, override):
+def merge(base: dict, override: dict | None) -> dict:
     """Recursive dict merge: override's values win, nested dicts are merged."""
     out = copy.deepcopy(base)
     for key, value in (override or {}).items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
 
 
-class Task:
-    """One task's settings, with QUICK=1 overrides applied, and its paths."""
-
-    def __init__(self, name, settings, quick):
-        self.name, self.quick = name, quick
-        self.settings = _merge(settings, settings.get("quick")) if quick else settings
-        self.src, self.tgt = settings["src"], settings["tgt"]
-        tag = f"{name}-quick" if quick else name
-        self.data_dir = os.path.join(_root("DATA_ROOT", "data"), tag)
-        self.checkpoint_root = os.path.join(_root("CHECKPOINT_ROOT", "checkpoints"), tag)
-        self.results_dir = os.path.join(_root("RESULTS_ROOT", "results"), tag)
-
-    def __getitem__(self, key):
-        return self.settings[key]
-
-    def get(self, key, default=None):
-        return self.settings.get(key, default)
-
-    def path(self, *parts):
-        return os.path.join(self.data_dir, *parts)
-
-    @property
-    def bin_dir(self):
-        return self.path("bin")
-
-    def checkpoint_dir(self, system):
-        return os.path.join(self.checkpoint_root, system)
-
-    def result_path(self, system):
-        return os.path.join(self.results_dir, f"{system}.json")
-
-
-def _root(variable, default_name):
+def output_root(variable: str, default_name: str) -> str:
+    """DATA_ROOT, CHECKPOINT_ROOT or RESULTS_ROOT, else work/<default_name> in the project."""
     return os.path.abspath(os.environ.get(variable) or os.path.join(PROJECT_ROOT, "work", default_name))
 
 
-def _read_yaml(path):
+class Task:
+    """One task's settings, with QUICK=1 overrides applied, and its paths."""
+
+    def __init__(self, name: str, settings: dict, quick: bool):
+        self.name, self.quick = name, quick
+        self.settings = merge(settings, settings.get("quick")) if quick else settings
+        self.settings.pop("quick", None)
+        self.src, self.tgt = settings["src"], settings["tgt"]
+        tag = f"{name}-quick" if quick else name
+        self.data_dir = os.path.join(output_root("DATA_ROOT", "data"), tag)
+        self.checkpoint_root = os.path.join(output_root("CHECKPOINT_ROOT", "checkpoints"), tag)
+        self.results_dir = os.path.join(output_root("RESULTS_ROOT", "results"), tag)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.settings[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.settings.get(key, default)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.data_dir, *parts)
+
+    @property
+    def bin_dir(self) -> str:
+        return self.path("bin")
+
+    def run_name(self, system: str, seed: int | None = None) -> str:
+        """``system`` for the config's own seed, ``system-seedN`` for another (scripts/compare.sh --seeds)."""
+        return system if seed is None or seed == self["train"].get("seed", 1) else f"{system}-seed{seed}"
+
+    def checkpoint_dir(self, system: str, seed: int | None = None) -> str:
+        return os.path.join(self.checkpoint_root, self.run_name(system, seed))
+
+    def result_path(self, system: str, seed: int | None = None) -> str:
+        return os.path.join(self.results_dir, f"{self.run_name(system, seed)}.json")
+
+
+def read_yaml(path: str) -> dict:
     import yaml
 
     with open(path, encoding="utf-8") as f:
-        settings = yaml.safe_load(f)
-    if not isinstance(settings, dict):
-        raise RelaConfigError(f"{path}: expected a mapping of settings, got {type(settings).__name__}")
-    return settings
+        try:
+            settings = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise RelaConfigError(f"{path}: not valid YAML: {exc}") from None
+    check_schema(settings if settings is not None else {}, SCHEMA, "", path)
+    return settings or {}
 
 
-def load_task(name, quick=None):
+def load_task(name: str, quick: bool | None = None) -> Task:
     """A task's settings: configs/_defaults.yaml, then configs/<name>.yaml on top (nested keys merge)."""
     tasks = available_tasks()
     if name not in tasks:
         raise RelaConfigError(f"unknown task {name!r}; choose one of {', '.join(tasks)} "
                               f"(one file per task in {config_dir()})")
     path = os.path.join(config_dir(), f"{name}.yaml")
-    own = _read_yaml(path)
+    own = read_yaml(path)
     defaults_path = os.path.join(config_dir(), "_defaults.yaml")
-    settings = _merge(_read_yaml(defaults_path), own) if os.path.exists(defaults_path) else own
-    unknown = set(own) - TOP_LEVEL_KEYS
-    missing = REQUIRED_KEYS - set(settings)
-    if unknown or missing:
-        raise RelaConfigError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; "
-                              f"accepted: {sorted(TOP_LEVEL_KEYS)}")
+    settings = merge(read_yaml(defaults_path), own) if os.path.exists(defaults_path) else own
+    missing = [key for key in REQUIRED_KEYS if _lookup(settings, key) is None]
+    if missing:
+        raise RelaConfigError(f"{path}: missing keys {', '.join(missing)}, in the file or in _defaults.yaml (required: "
+                              f"{', '.join(REQUIRED_KEYS)})")
     data = settings["data"]
     if not data.get("generator"):
         absent = [key for key in ("downloads", "train", "valid", "test") if not data.get(key)]
         if absent:
             raise RelaConfigError(f"{path}: data needs {', '.join(absent)} (or a generator)")
+        _check_items(data, path)
     return Task(name, settings, quick_mode() if quick is None else quick)
 
 
-def check_system(system):
-    if system not in SYSTEMS:
-        raise RelaConfigError(f"unknown system {system!r}; choose one of {', '.join(SYSTEMS)}")
-    return system
+def _lookup(settings: dict, dotted: str):
+    for part in dotted.split("."):
+        settings = settings.get(part) if isinstance(settings, dict) else None
+    return settings
+
+
+def _check_items(data: dict, path: str) -> None:
+    from .download import local_name
+
+    downloads = data["downloads"]
+    saved_as: dict[str, str] = {}
+    for name, entry in downloads.items():
+        if not entry.get("url") and not entry.get("urls"):
+            raise RelaConfigError(f"{path}: download {name!r} has no url (or urls)")
+        other = saved_as.setdefault(local_name(entry), name)
+        if other != name:
+            raise RelaConfigError(f"{path}: downloads {other!r} and {name!r} would both be saved as "
+                                  f"{local_name(entry)!r}: give one of them its own 'file' name")
+    for split in ("train", "valid", "test"):
+        for i, item in enumerate(data[split]):
+            where = f"data.{split}[{i}]"
+            for side in ("src", "tgt"):
+                name = item_download(item, side)
+                if name is None:
+                    raise RelaConfigError(f"{path}: {where} names no download for its {side} side (give 'download', "
+                                          f"or '{side}_download')")
+                if name not in downloads:
+                    raise RelaConfigError(f"{path}: {where} names download {name!r}; the config defines "
+                                          f"{', '.join(downloads)}")
+
+
+def data_fingerprint(task: Task) -> str | None:
+    """What the task's prepared data was made from (written by prepare), or None if it is not prepared."""
+    import json
+
+    path = task.path("fingerprint.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["fingerprint"]
+
+
+def item_download(item: dict, side: str) -> str | None:
+    """The download one side of a config item reads: ``<side>_download``, else ``download``."""
+    return item.get(f"{side}_download") or item.get("download")

@@ -3,13 +3,16 @@
 An item of a task config names a download, the members holding each side, and optionally their format:
 
     {download: europarl_v7, src: training/europarl-v7.de-en.en, tgt: training/europarl-v7.de-en.de}
-    {download: wmt14_test_full, src: test-full/newstest2014-deen-src.en.sgm, tgt: test-full/newstest2014-deen-ref.de.sgm}
+    {download: wmt14_test_full, src: test-full/newstest2014-deen-src.en.sgm,
+     tgt: test-full/newstest2014-deen-ref.de.sgm}
+    {src_download: train_de, tgt_download: train_en}      (each side its own download: Multi30k)
     {download: wiki_titles, src: wiki/fi-en/titles.fi-en, tgt: wiki/fi-en/titles.fi-en, format: bitext,
      src_column: 1, tgt_column: 0}
 
 Formats (guessed from the member name when not given): ``text`` (a line a sentence; ``.gz`` members are decompressed),
 ``sgml`` (WMT ``.sgm``: the text of each ``<seg>``, exactly as sacrebleu reads it), ``xml`` (IWSLT ``.xml``, likewise),
-``tags`` (IWSLT ``train.tags.*``: the text lines, and the text of ``<title>``/``<description>``), ``bitext`` (``src ||| tgt`` columns), ``tsv``.
+``tags`` (IWSLT ``train.tags.*``: the text lines, and the text of ``<title>``/``<description>``), ``bitext``
+(``src ||| tgt`` columns), ``tsv``.
 A member may be omitted when the download itself is the text file (``.gz`` or plain).
 """
 
@@ -26,6 +29,7 @@ import zipfile
 from ..errors import RelaFairseqError
 
 FORMATS = ("text", "sgml", "xml", "tags", "bitext", "tsv")
+NORMALISATION_VERSION = 1  # recorded by prepare's extract step: raise it when read_side or normalise change
 _SEG = re.compile(r"<seg.*?>(.*)</seg>.*?")
 _KEPT_TAG = re.compile(r"^<(title|description)>(.*)</\1>$")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff]")
@@ -137,8 +141,8 @@ def read_parallel(src_path, tgt_path, item):
     sides = (read_side(src_path, fmt, item.get("src_column")), read_side(tgt_path, fmt, item.get("tgt_column")))
     for n, (src, tgt) in enumerate(itertools.zip_longest(*sides)):
         if src is None or tgt is None:
-            longer, shorter = (item.get("src"), item.get("tgt")) if tgt is None else (item.get("tgt"), item.get("src"))
-            raise CorpusError(f"{item['download']}: {longer} has more sentences than {shorter} ({n} pairs read); "
+            longer, shorter = (src_path, tgt_path) if tgt is None else (tgt_path, src_path)
+            raise CorpusError(f"{longer} has more sentences than {shorter} ({n} pairs read); "
                               "the two sides must align line by line")
         yield src, tgt
 

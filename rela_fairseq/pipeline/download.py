@@ -5,9 +5,12 @@ md5/sha256 is checked, and only then is it renamed to ``<name>``. A checksum mis
 the file, both checksums and the address. Sources without a published checksum are checked against the sha256
 recorded at their first download (``checksums.json`` beside them), which the log says.
 
-``RELA_DOWNLOAD_MIRROR`` (or ``--mirror``) replaces every address by ``<mirror>/<file name>``: an http(s) base URL,
-or a local folder holding the files (for machines behind a firewall).
+``RELA_DOWNLOAD_MIRROR`` (or ``--mirror``) replaces every address by ``<mirror>/<file name>`` (the entry's ``file``
+name if it has one, else the last part of the address): an http(s) base URL, or a local folder holding the files (for
+machines behind a firewall).
 """
+
+from __future__ import annotations
 
 import hashlib
 import json
@@ -21,7 +24,7 @@ import urllib.request
 
 from ..errors import RelaFairseqError
 
-logger = logging.getLogger("rela_fairseq.pipeline")
+logger = logging.getLogger(__name__)
 CHUNK = 1 << 20
 RETRIES = 3
 
@@ -30,12 +33,13 @@ class DownloadError(RelaFairseqError):
     pass
 
 
-def resolve_url(url, mirror=None):
-    """The address to fetch ``url`` from, given a mirror (base URL or local folder)."""
+def resolve_url(url: str, mirror: str | None = None, name: str | None = None) -> str:
+    """The address to fetch ``url`` from, given a mirror (base URL or local folder) that holds it as ``name``
+    (default: the last part of the address)."""
     mirror = mirror if mirror is not None else os.environ.get("RELA_DOWNLOAD_MIRROR")
     if not mirror:
         return url
-    name = os.path.basename(urllib.parse.urlparse(url).path)
+    name = name or os.path.basename(urllib.parse.urlparse(url).path)
     if "://" in mirror:
         return mirror.rstrip("/") + "/" + name
     return "file://" + os.path.join(os.path.abspath(mirror), name)
@@ -80,18 +84,31 @@ def verify(path, checksums):
     return None
 
 
-def local_name(entry):
+def local_name(entry: dict) -> str:
     """The file name a ``downloads`` entry is saved under: ``file``, else the address's; a split archive
     (UNv1.0.en-zh.tar.gz.00 + .01) is saved as one file without the piece suffix."""
-    urls = entry.get("urls") or [entry["url"]]
+    urls = entry_urls(entry)
     name = entry.get("file") or os.path.basename(urllib.parse.urlparse(urls[0]).path)
     return name.rsplit(".", 1)[0] if len(urls) > 1 and not entry.get("file") else name
+
+
+def entry_urls(entry: dict) -> list[str]:
+    return entry.get("urls") or [entry["url"]]
+
+
+def mirror_urls(entry: dict, mirror: str | None = None) -> list[str]:
+    """Where each part of a ``downloads`` entry is fetched from: the addresses, or the mirror's copies (a single file
+    under its local name, the pieces of a split archive under their own)."""
+    urls = entry_urls(entry)
+    if len(urls) == 1:
+        return [resolve_url(urls[0], mirror, local_name(entry))]
+    return [resolve_url(url, mirror) for url in urls]
 
 
 def fetch(entry, directory, mirror=None, progress=True):
     """Download one ``downloads`` entry of a task config (``url`` or ``urls`` for a split archive, optional
     ``md5``/``sha256``, optional ``file`` name) into ``directory``; return the file's path. Skips complete files."""
-    urls = entry.get("urls") or [entry["url"]]
+    urls = mirror_urls(entry, mirror)
     name = local_name(entry)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name)
@@ -109,13 +126,13 @@ def fetch(entry, directory, mirror=None, progress=True):
 
     part = path + ".part"
     if len(urls) == 1:
-        _download(resolve_url(urls[0], mirror), part, progress)
+        _download(urls[0], part, progress)
     else:  # a split archive: fetch each piece (resumably), then concatenate
         pieces = []
         for i, url in enumerate(urls):
             piece = f"{path}.piece{i}"
             if not os.path.exists(piece):
-                _download(resolve_url(url, mirror), piece + ".part", progress)
+                _download(url, piece + ".part", progress)
                 os.replace(piece + ".part", piece)
             pieces.append(piece)
         with open(part, "wb") as out:
@@ -128,7 +145,7 @@ def fetch(entry, directory, mirror=None, progress=True):
         os.remove(part)
         algorithm, expected, actual = mismatch
         raise DownloadError(f"{name}: {algorithm} checksum mismatch (expected {expected}, got {actual}) for "
-                            f"{', '.join(resolve_url(u, mirror) for u in urls)}; the download was deleted. "
+                            f"{', '.join(urls)}; the download was deleted. "
                             "A changed file upstream or a wrong mirror: check the source before retrying.")
     if not checksums:
         digest = file_hash(part, "sha256")

@@ -1,90 +1,128 @@
 """prepare: download, extract, normalise, sentencepiece, encode, clean and binarise one task.
 
-Each step leaves a marker (``steps/<step>.done``) once all its outputs are complete; every output is written under a
-temporary name and renamed. A re-run after an interruption therefore skips finished steps and redoes the one that was
-cut short, and no half-written file ever looks complete.
+Each step records what it was made from: a fingerprint of its own settings and of the step before it (``steps/<step>
+.done``, JSON). A step whose fingerprint still matches is skipped; one whose settings changed (a new sentencepiece
+vocabulary size, other cleaning thresholds, another corpus) is run again, and so is every step after it, and the log
+says which setting changed. Every output is written under a temporary name and renamed, so a re-run after an
+interruption redoes the step that was cut short and no half-written file ever looks complete.
 """
 
+from __future__ import annotations
+
 import contextlib
+import hashlib
 import itertools
+import json
 import logging
 import os
 import shutil
 import subprocess
-import sys
+from typing import Any, Callable
 
 from tqdm import tqdm
 
-from .corpora import CorpusError, extract_members, normalise, read_parallel
+from ..files import atomic_open, atomic_path, read_json, write_json
+from .config import Task, item_download
+from .corpora import NORMALISATION_VERSION, CorpusError, extract_members, normalise, read_parallel
 from .download import fetch, local_name
+from .fairseq_tool import command as fairseq_command
 
-logger = logging.getLogger("rela_fairseq.pipeline")
+logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
 
 
 class Steps:
-    def __init__(self, directory):
+    """Runs a chain of steps, skipping those whose recorded fingerprint matches (see the module's docstring)."""
+
+    def __init__(self, directory: str):
         self.directory = directory
+        self.previous = ""  # the fingerprint of the step before: a change there re-runs this one too
+        self.rerun_from: str | None = None  # the first step of this run that was (re-)run
         os.makedirs(directory, exist_ok=True)
 
-    def done(self, step):
-        return os.path.exists(os.path.join(self.directory, f"{step}.done"))
+    def marker(self, step: str) -> str:
+        return os.path.join(self.directory, f"{step}.done")
 
-    def run(self, step, fn):
-        if self.done(step):
+    def run(self, step: str, fn: Callable[[], Any], settings: dict) -> None:
+        settings = json.loads(json.dumps(settings))  # plain JSON values, as they will be recorded
+        fingerprint = hashlib.sha256(json.dumps({"step": step, "settings": settings, "after": self.previous},
+                                                sort_keys=True).encode()).hexdigest()
+        self.previous = fingerprint
+        recorded = self._recorded(step)
+        if recorded is not None and recorded.get("fingerprint") == fingerprint:
             logger.info(f"[{step}] already done")
             return
+        if recorded is not None:
+            changes = describe_changes(recorded.get("settings"), settings)
+            if changes:
+                reason = f"settings changed since the last run ({changes})"
+            elif self.rerun_from:
+                reason = f"[{self.rerun_from}] was run again"
+            else:
+                reason = "its inputs changed"
+            logger.warning(f"[{step}] {reason}: running it again, and every step after it")
+        if os.path.exists(self.marker(step)):
+            os.remove(self.marker(step))
         logger.info(f"[{step}] ...")
         fn()
-        with open(os.path.join(self.directory, f"{step}.done"), "w") as f:
-            f.write("ok\n")
+        write_json(self.marker(step), {"fingerprint": fingerprint, "settings": settings})
+        self.rerun_from = self.rerun_from or step
         logger.info(f"[{step}] done")
 
+    def fingerprint(self) -> str:
+        """The fingerprint of the last step run or checked: what the prepared data was made from."""
+        return self.previous
 
-@contextlib.contextmanager
-def atomic_open(path):
-    """A file written under ``path.tmp`` and renamed to ``path`` only when the block completes: the file under its
-    final name is always complete."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            yield f
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
+    def _recorded(self, step: str) -> dict | None:
+        path = self.marker(step)
+        if not os.path.exists(path):
+            return None
+        try:
+            recorded = read_json(path)
+        except (ValueError, OSError):
+            recorded = None
+        return recorded if isinstance(recorded, dict) else {"settings": None}  # an older marker: no record
 
 
-def write_lines(path, lines):
-    with atomic_open(path) as f:
-        for line in lines:
-            f.write(line + "\n")
+def describe_changes(old: Any, new: Any, where: str = "") -> str:
+    """``vocab_size: 8000 -> 10000, model_type: bpe -> unigram``: the settings that differ, by dotted key."""
+    if old is None:
+        return "no record of the earlier settings"
+    if isinstance(old, dict) and isinstance(new, dict):
+        parts = [describe_changes(old.get(k), new.get(k), f"{where}.{k}" if where else str(k))
+                 if k in old and k in new else f"{f'{where}.{k}' if where else k}: "
+                 + (f"{old[k]!r} -> (removed)" if k in old else f"(new) {new[k]!r}")
+                 for k in sorted(set(old) | set(new), key=str) if old.get(k, ...) != new.get(k, ...)]
+        return ", ".join(p for p in parts if p)
+    return f"{where or 'value'}: {old!r} -> {new!r}" if old != new else ""
 
 
-def read_lines(path):
-    with open(path, encoding="utf-8", newline="\n") as f:
-        return [line.rstrip("\n") for line in f]
-
-
-def prepare(task, mirror=None, workers=None):
+def prepare(task: Task, mirror: str | None = None, workers: int | None = None) -> str:
+    """Prepare ``task``'s data; returns the fingerprint of what was prepared (recorded by training)."""
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     steps = Steps(task.path("steps"))
     data = task["data"]
     if data.get("generator"):
-        steps.run("generate", lambda: _generate(task))
+        steps.run("generate", lambda: _generate(task),
+                  {key: data.get(key) for key in ("generator", "sizes", "seed")})
     else:
+        downloads = {name: {k: v for k, v in entry.items() if k in ("url", "urls", "md5", "sha256", "file")}
+                     for name, entry in data["downloads"].items()}
         steps.run("download", lambda: [fetch(entry, task.path("downloads"), mirror)
-                                       for entry in data["downloads"].values()])
-        steps.run("extract", lambda: _extract(task))
-    steps.run("sentencepiece", lambda: _train_sentencepiece(task, workers))
-    steps.run("encode", lambda: _encode(task, workers))
-    steps.run("binarize", lambda: _binarize(task, workers))
+                                       for entry in data["downloads"].values()], downloads)
+        steps.run("extract", lambda: _extract(task),
+                  {"splits": {split: data[split] for split in SPLITS},
+                   "max_train_sentences": data.get("max_train_sentences"),
+                   "max_test_sentences": data.get("max_test_sentences"), "normalisation": NORMALISATION_VERSION})
+    steps.run("sentencepiece", lambda: _train_sentencepiece(task, workers), task["sentencepiece"])
+    steps.run("encode", lambda: _encode(task, workers), task.get("clean") or {})
+    steps.run("binarize", lambda: _binarize(task, workers), {"tool": "fairseq-preprocess"})
+    write_json(task.path("fingerprint.json"), {"fingerprint": steps.fingerprint()})
     logger.info(f"{task.name}: data ready in {task.bin_dir}")
+    return steps.fingerprint()
 
 
-def _generate(task):
+def _generate(task: Task) -> None:
     """The bundled toy task: generated offline, with gold alignments for the test set."""
     from ..toy import write_task
 
@@ -96,41 +134,38 @@ def _generate(task):
     shutil.copyfile(os.path.join(raw, f"test.{task.tgt}"), os.path.join(raw, "test.ref"))
 
 
-def _extract(task):
+def _extract(task: Task) -> None:
     data = task["data"]
     downloads = {name: os.path.join(task.path("downloads"), local_name(entry))
                  for name, entry in data["downloads"].items()}
-    members = {}
+    members: dict[str, set[str]] = {}
     for split in SPLITS:
         for item in data[split]:
-            if item.get("download") not in downloads:
-                raise CorpusError(f"{split} item {item} names download {item.get('download')!r}; the config "
-                                  f"defines {', '.join(downloads)}")
             for side in ("src", "tgt"):
                 if item.get(side):
-                    members.setdefault(item["download"], set()).add(item[side])
+                    members.setdefault(item_download(item, side), set()).add(item[side])
     for name, wanted in members.items():
-        out = task.path("extracted", name)
-        if not os.path.isdir(out):
-            logger.info(f"extracting {len(wanted)} file(s) from {os.path.basename(downloads[name])}")
-            extract_members(downloads[name], wanted, out)
+        logger.info(f"extracting {len(wanted)} file(s) from {os.path.basename(downloads[name])}")
+        extract_members(downloads[name], wanted, task.path("extracted", name))
 
-    def side_path(item, side):
-        member = item.get(side)
-        return os.path.join(task.path("extracted", item["download"]), member) if member else downloads[item["download"]]
+    def side_path(item: dict, side: str) -> str:
+        download, member = item_download(item, side), item.get(side)
+        return os.path.join(task.path("extracted", download), member) if member else downloads[download]
 
-    limit = data.get("max_train_sentences")
+    limits = {"train": data.get("max_train_sentences"), "test": data.get("max_test_sentences")}
     for split in SPLITS:
+        limit = limits.get(split)
         names = [f"{split}.{task.src}", f"{split}.{task.tgt}"] + (["test.ref"] if split == "test" else [])
         with contextlib.ExitStack() as stack:
             files = [stack.enter_context(atomic_open(task.path("raw", name))) for name in names]
             written = 0
             for item in data[split]:
                 pairs = read_parallel(side_path(item, "src"), side_path(item, "tgt"), item)
-                if split == "train" and limit:
+                if limit:
                     pairs = itertools.islice(pairs, max(0, limit - written))
                 n = 0
-                for src, tgt in tqdm(pairs, desc=f"{split}: {item['download']}", unit=" pairs", mininterval=5,
+                label = item_download(item, "src")
+                for src, tgt in tqdm(pairs, desc=f"{split}: {label}", unit=" pairs", mininterval=5,
                                      disable=split != "train"):
                     files[0].write(normalise(src) + "\n")
                     files[1].write(normalise(tgt) + "\n")
@@ -138,16 +173,16 @@ def _extract(task):
                         files[2].write(tgt + "\n")
                     n += 1
                 written += n
-                logger.info(f"{split}: {n} sentence pairs from {item['download']} ({item.get('src')})")
+                logger.info(f"{split}: {n} sentence pairs from {label} ({item.get('src') or 'the file itself'})")
 
 
-def _train_sentencepiece(task, workers):
+def _train_sentencepiece(task: Task, workers: int) -> None:
     import sentencepiece as spm
 
     settings = dict(task["sentencepiece"])
+    inputs = [task.path("raw", f"train.{lang}") for lang in (task.src, task.tgt)]
     out = task.path("spm")
     os.makedirs(out, exist_ok=True)
-    inputs = [task.path("raw", f"train.{lang}") for lang in (task.src, task.tgt)]
     prefix = os.path.join(out, "spm.tmp")
     spm.SentencePieceTrainer.train(
         input=",".join(inputs),
@@ -168,7 +203,7 @@ def _train_sentencepiece(task, workers):
         os.replace(f"{prefix}.{ext}", os.path.join(out, f"spm.{ext}"))
 
 
-def _encode(task, workers, chunk=100_000):
+def _encode(task: Task, workers: int, chunk: int = 100_000) -> None:
     """Sentencepiece pieces of every split, in chunks (memory stays flat on corpora of tens of millions of lines);
     training and validation pairs that are empty, too long or too unequal are dropped, the test set never."""
     import sentencepiece as spm
@@ -200,26 +235,15 @@ def _encode(task, workers, chunk=100_000):
             logger.info(f"{split}: kept {kept} of {total} pairs (1-{max_tokens} pieces, ratio <= {max_ratio})")
 
 
-def _keep(n, m, max_tokens, max_ratio):
+def _keep(n: int, m: int, max_tokens: int, max_ratio: float) -> bool:
     return 0 < n <= max_tokens and 0 < m <= max_tokens and max(n, m) <= max_ratio * min(n, m)
 
 
-def _binarize(task, workers):
-    tmp = task.bin_dir + ".tmp"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
+def _binarize(task: Task, workers: int) -> None:
     prefix = task.path("spm")
-    subprocess.run([tool("fairseq-preprocess"), "--source-lang", task.src, "--target-lang", task.tgt,
-                    "--trainpref", os.path.join(prefix, "train"), "--validpref", os.path.join(prefix, "valid"),
-                    "--testpref", os.path.join(prefix, "test"), "--destdir", tmp, "--workers", str(workers)],
-                   check=True)
-    shutil.copyfile(task.path("spm", "spm.model"), os.path.join(tmp, "spm.model"))  # for hub loading
-    if os.path.exists(task.bin_dir):
-        shutil.rmtree(task.bin_dir)
-    os.replace(tmp, task.bin_dir)
-
-
-def tool(name):
-    """A console script installed beside this Python (fairseq-train, ...)."""
-    path = os.path.join(os.path.dirname(sys.executable), name)
-    return path if os.path.exists(path) else name
+    with atomic_path(task.bin_dir) as tmp:
+        subprocess.run([*fairseq_command("fairseq-preprocess"), "--source-lang", task.src, "--target-lang", task.tgt,
+                        "--trainpref", os.path.join(prefix, "train"), "--validpref", os.path.join(prefix, "valid"),
+                        "--testpref", os.path.join(prefix, "test"), "--destdir", tmp, "--workers", str(workers)],
+                       check=True)
+        shutil.copyfile(task.path("spm", "spm.model"), os.path.join(tmp, "spm.model"))  # for hub loading

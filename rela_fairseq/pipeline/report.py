@@ -4,31 +4,35 @@ best-layer AER against the task's gold alignments, and the plots.
 Runs after ``reproduce toy softmax`` and ``reproduce toy rela_g`` (the README's main command does all three).
 """
 
-import json
 import os
 
 from ..errors import RelaFairseqError
+from ..files import read_json, write_json
+from ..settings import ATTENTION_TYPES
 from ..systems import LABELS
-
-TYPES = (("encoder", "enc"), ("decoder", "dec"), ("cross", "cross"))
 
 
 def _pct(x):
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _js(x):
+    """JS diversity is undefined (None) where no query had two live heads, e.g. in a one-head model."""
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def analyse_system(task, system, progress=True):
-    from ..analyze import analyse, load_model
+    from ..analyze import AlignmentSettings, analyse, load_model
 
     result_path = task.result_path(system)
     if not os.path.exists(result_path):
         raise RelaFairseqError(f"no result for {task.name}/{system}: run scripts/reproduce.sh {task.name} {system}")
-    with open(result_path, encoding="utf-8") as f:
-        result = json.load(f)
+    result = read_json(result_path)
     checkpoint = os.path.join(task.checkpoint_dir(system), result["checkpoint"])
     model, fairseq_task = load_model(checkpoint, task.bin_dir, "test")
-    report, collector = analyse(model, fairseq_task, "test", gold=task.path("raw", "test.align"), progress=progress)
-    return result, report, collector, model, fairseq_task
+    analysis = analyse(model, fairseq_task, "test", AlignmentSettings(task.path("raw", "test.align")),
+                       progress=progress)
+    return result, analysis, model, fairseq_task
 
 
 def best_layer(alignment, key):
@@ -48,15 +52,11 @@ def table(rows_by_system):
     add("SacreBLEU", [f"{r['result']['sacrebleu']['score']:.1f}" for r in rows_by_system.values()])
     add("chrF", [f"{r['result']['chrf']['score']:.1f}" for r in rows_by_system.values()])
     add("sparsity, all attention", [_pct(r["attention"]["overall_sparsity"]) for r in rows_by_system.values()])
-    for kind, short in TYPES:
-        add(f"  sparsity, {short}", [_pct(r["attention"]["types"][kind]["overall"]["sparsity"])
-                                     for r in rows_by_system.values()])
-    for kind, short in TYPES:
-        add(f"null rate, {short}", [_pct(r["attention"]["types"][kind]["overall"]["null_rate"])
-                                    for r in rows_by_system.values()])
-    for kind, short in TYPES:
-        add(f"JS head diversity (nats), {short}",
-            [f"{r['attention']['types'][kind]['overall']['js']:.3f}" for r in rows_by_system.values()])
+    for metric, label, fmt in (("sparsity", "  sparsity", _pct), ("null_rate", "null rate", _pct),
+                               ("js", "JS head diversity (nats)", _js)):
+        for t in ATTENTION_TYPES:
+            add(f"{label}, {t.short}", [fmt(r["attention"]["types"][t.name]["overall"][metric])
+                                           for r in rows_by_system.values()])
     for key, label in (("best_head_normal", "AER best layer, best head, normal"),
                        ("avg_normal", "AER best layer, head average, normal"),
                        ("best_head_shifted", "AER best layer, best head, shifted"),
@@ -70,29 +70,24 @@ def table(rows_by_system):
 
 
 def toy_report(task, systems=("softmax", "rela_g"), progress=True):
-    from ..analyze import plots
-    from ..analyze.forced import forced_batches
+    from ..analyze import forced_batches, plots, sentence_maps
 
     plot_dir = os.path.join(task.results_dir, "plots")
     rows, written = {}, []
     for system in systems:
-        result, report, _, model, fairseq_task = analyse_system(task, system, progress)
-        rows[system] = {"result": result, **report}
-        with open(os.path.join(task.results_dir, f"{system}.analysis.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
+        result, analysis, model, fairseq_task = analyse_system(task, system, progress)
+        rows[system] = {"result": result, "attention": analysis.attention, "alignment": analysis.alignment}
+        write_json(os.path.join(task.results_dir, f"{system}.analysis.json"),
+                   {"attention": analysis.attention, "alignment": analysis.alignment})
         # the first test sentence's cross-attention, every layer
         batch = next(forced_batches(model, fairseq_task, "test", max_tokens=200))
         b = batch.ids.tolist().index(min(batch.ids.tolist()))
-        src_keep = batch.src_tokens[b].ne(batch.pad)
-        tgt_keep = batch.target[b].ne(batch.pad)
-        src = [fairseq_task.source_dictionary[int(t)] for t in batch.src_tokens[b][src_keep]]
-        tgt = [fairseq_task.target_dictionary[int(t)] for t in batch.target[b][tgt_keep]]
-        for (kind, layer), weights in sorted(batch.attention.items()):
-            if kind == "cross":
-                w = weights[b][:, tgt_keep][:, :, src_keep]
-                written += plots.heatmap(w, src, tgt, os.path.join(plot_dir, f"{system}_cross_layer{layer + 1}.png"),
-                                         f"{LABELS[system]}: cross-attention, layer {layer + 1}, test sentence "
-                                         f"{int(batch.ids[b])}")
+        maps, tgt, src = sentence_maps(batch, b, "cross", fairseq_task.source_dictionary,
+                                       fairseq_task.target_dictionary)
+        for layer, w in sorted(maps.items()):
+            written += plots.heatmap(w, src, tgt, os.path.join(plot_dir, f"{system}_cross_layer{layer + 1}.png"),
+                                     f"{LABELS[system]}: cross-attention, layer {layer + 1}, test sentence "
+                                     f"{int(batch.ids[b])}")
     labelled = {LABELS[s]: r["attention"] for s, r in rows.items()}
     written += plots.layer_head_stats(labelled, os.path.join(plot_dir, "sparsity.png"), "sparsity")
     written += plots.layer_head_stats(labelled, os.path.join(plot_dir, "null_rate.png"), "null_rate")

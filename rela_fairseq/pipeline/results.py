@@ -6,7 +6,7 @@ import json
 import os
 
 from ..systems import LABELS, SYSTEMS
-from .config import _root, available_tasks, load_task
+from .config import available_tasks, load_task, output_root
 
 TASK_ORDER = ("wmt14_en_de", "wmt14_en_fr", "wmt18_en_fi", "wmt18_zh_en", "wmt16_ro_en", "iwslt14_de_en", "toy")
 TASK_LABELS = {"wmt14_en_de": "En-De", "wmt14_en_fr": "En-Fr", "wmt18_en_fi": "En-Fi", "wmt18_zh_en": "Zh-En",
@@ -14,7 +14,7 @@ TASK_LABELS = {"wmt14_en_de": "En-De", "wmt14_en_fr": "En-Fr", "wmt18_en_fi": "E
 
 
 def load_results(results_root=None):
-    root = results_root or _root("RESULTS_ROOT", "results")
+    root = results_root or output_root("RESULTS_ROOT", "results")
     results = []
     for path in sorted(glob.glob(os.path.join(root, "*", "*.json"))):
         with open(path, encoding="utf-8") as f:

@@ -1,114 +1,113 @@
-"""train: the paper's fairseq-train settings for one task and system, scaled to the GPUs present.
+"""train: the paper's fairseq-train settings for one task and system, on whatever devices are present.
 
-Tokens per update stay at the config's ``tokens_per_update`` (about 25K for the WMT tasks) whatever the hardware:
-``--update-freq = ceil(tokens_per_update / (max_tokens × GPUs × nodes))``. fp16 on GPUs that support it (compute
-capability 7.0 and newer); ``--cpu`` where there is no GPU. Re-running resumes from ``checkpoint_last.pt`` (fairseq's
-own restore). One node: fairseq starts one process per GPU itself. Several nodes: start this on every node with
-NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT set; it runs fairseq through torchrun (NCCL). NPROC_PER_NODE forces
-torchrun with that many processes per node (on CPUs: gloo, for tests).
+**The batch** stays at the config's ``tokens_per_update`` (25K, as the official runs) on any number of devices
+(``commands.split_batch``). The split is printed at the start and recorded with the checkpoints (``run.json``); a
+resume on another number of devices keeps the tokens per update, logs the new split, and refuses to continue on other
+data or another tokens_per_update.
+
+fp16 on GPUs that support it (compute capability 7.0 and newer); ``--cpu`` where there is no GPU. Re-running resumes
+from ``checkpoint_last.pt`` (fairseq's own restore). One node: fairseq starts one process per GPU itself. Several
+nodes: start this on every node with NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT set; it runs fairseq through torchrun
+(NCCL). NPROC_PER_NODE forces torchrun with that many processes per node (on CPUs: gloo, for tests).
 """
 
+from __future__ import annotations
+
+import datetime
 import logging
-import math
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
-from ..systems import system_args
-from .prepare import tool
+from ..errors import RelaConfigError, RelaFairseqError
+from ..files import read_json, write_json
+from .commands import BatchSplit, overridden_batch, train_command
+from .config import Task, data_fingerprint
+from .fairseq_tool import command as fairseq_command
+from .runtime import hardware, tool
 
-logger = logging.getLogger("rela_fairseq.pipeline")
-USER_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# config key -> fairseq-train option
-OPTIONS = {
-    "arch": "--arch",
-    "lr": "--lr",
-    "warmup_updates": "--warmup-updates",
-    "warmup_init_lr": "--warmup-init-lr",
-    "max_update": "--max-update",
-    "max_tokens": "--max-tokens",
-    "dropout": "--dropout",
-    "attention_dropout": "--attention-dropout",
-    "activation_dropout": "--activation-dropout",
-    "label_smoothing": "--label-smoothing",
-    "weight_decay": "--weight-decay",
-    "clip_norm": "--clip-norm",
-    "save_interval_updates": "--save-interval-updates",
-    "keep_interval_updates": "--keep-interval-updates",
-    "keep_last_epochs": "--keep-last-epochs",
-    "validate_interval_updates": "--validate-interval-updates",
-    "log_interval": "--log-interval",
-    "seed": "--seed",
-}
-DEFAULTS = {"warmup_init_lr": 1e-07, "label_smoothing": 0.1, "seed": 1, "log_interval": 100, "weight_decay": 0.0,
-            "keep_last_epochs": 5}
+logger = logging.getLogger(__name__)
+class TrainingFailed(RelaFairseqError):
+    def __init__(self, returncode: int, log: str):
+        self.returncode = returncode
+        super().__init__(f"fairseq-train exited with code {returncode}; its output is in {log}")
 
 
-def hardware():
-    """(GPUs on this node, fp16 supported, nodes, processes per node)."""
-    import torch
-
-    gpus = torch.cuda.device_count()
-    fp16 = gpus > 0 and torch.cuda.get_device_capability(0)[0] >= 7
-    nodes = _env_int("NNODES", 1)
-    procs = _env_int("NPROC_PER_NODE", max(gpus, 1))
-    return gpus, fp16, nodes, procs
-
-
-def _env_int(name, default):
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    if not value.isdigit() or int(value) < 1:
-        from ..errors import RelaConfigError
-
-        raise RelaConfigError(f"{name}={value!r}: expected a positive integer")
-    return int(value)
-
-
-def train_command(task, system, extra_args=(), gpus=0, fp16=False, nodes=1, procs=1):
-    """The fairseq-train options (list) for ``system`` on ``task``, and the update frequency they use."""
-    settings = dict(DEFAULTS, **task["train"])
-    devices = procs * nodes
-    update_freq = max(1, math.ceil(settings["tokens_per_update"] / (settings["max_tokens"] * devices)))
-    cmd = [task.bin_dir, "--user-dir", USER_DIR, "--task", "translation",
-           "--source-lang", task.src, "--target-lang", task.tgt, *system_args(system),
-           "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--adam-eps", "1e-08",
-           "--lr-scheduler", "inverse_sqrt", "--criterion", "label_smoothed_cross_entropy",
-           "--update-freq", str(update_freq), "--save-dir", task.checkpoint_dir(system),
-           "--log-format", "simple", "--num-workers", "2"]
-    for key, option in OPTIONS.items():
-        if settings.get(key) is not None:
-            cmd += [option, str(settings[key])]
-    cmd += [str(x) for x in settings.get("extra", [])]
-    cmd += ["--fp16"] if fp16 else ([] if gpus else ["--cpu"])
-    cmd += list(extra_args)  # the user's own options come last and win
-    return cmd, update_freq
-
-
-def train(task, system, extra_args=()):
+def train(task: Task, system: str, extra_args=(), seed: int | None = None) -> str:
+    """Train (or resume) one system; returns the checkpoint folder."""
     if not os.path.exists(os.path.join(task.bin_dir, f"dict.{task.tgt}.txt")):
-        from ..errors import RelaFairseqError
-
         raise RelaFairseqError(f"no binarised data for {task.name} in {task.bin_dir}: run "
                                f"scripts/prepare.sh {task.name} first")
-    gpus, fp16, nodes, procs = hardware()
-    args, update_freq = train_command(task, system, extra_args, gpus, fp16, nodes, procs)
-    os.makedirs(task.checkpoint_dir(system), exist_ok=True)
-    where = f"{procs} process(es) x {nodes} node(s) on " + (f"{gpus} GPU(s) per node" if gpus else "CPU")
-    logger.info(f"{task.name}/{system}: {where}, update-freq {update_freq} "
-                f"({task['train']['tokens_per_update']} tokens per update), fp16={fp16}")
-    if nodes > 1 or "NPROC_PER_NODE" in os.environ:
-        cmd = [tool("torchrun"), f"--nnodes={nodes}", f"--node_rank={os.environ.get('NODE_RANK', '0')}",
-               f"--nproc_per_node={procs}", f"--master_addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
+    hw = hardware()
+    args, split = train_command(task, system, extra_args, hw, seed)
+    checkpoint_dir = task.checkpoint_dir(system, seed)
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    record = _check_resume(task, checkpoint_dir, split)
+    overridden = overridden_batch(extra_args, split)
+    logger.info(f"{task.name}/{task.run_name(system, seed)}: {hw.describe()}, fp16={hw.fp16}")
+    logger.info(f"batch: {split.describe()}")
+    if overridden is not None and overridden.actual != split.actual:
+        logger.warning(f"your extra options set the batch: {overridden.describe()}")
+    record["history"].append({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                              "hardware": asdict(hw), "batch": asdict(overridden or split)})
+    write_json(os.path.join(checkpoint_dir, "run.json"), record)
+
+    if hw.nodes > 1 or "NPROC_PER_NODE" in os.environ:
+        cmd = [tool("torchrun"), f"--nnodes={hw.nodes}", f"--node_rank={os.environ.get('NODE_RANK', '0')}",
+               f"--nproc_per_node={hw.procs_per_node}", f"--master_addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
                f"--master_port={os.environ.get('MASTER_PORT', '29500')}",
-               "-m", "rela_fairseq.pipeline.distributed_train", *args]
+               *fairseq_command("fairseq-train-torchrun"), *args]
     else:
-        cmd = [tool("fairseq-train"), *args]
+        cmd = [*fairseq_command("fairseq-train"), *args]
+    log = os.path.join(checkpoint_dir, "train.log")
+    returncode = run_logged(cmd, log)
+    if returncode != 0:
+        raise TrainingFailed(returncode, log)
+    return checkpoint_dir
+
+
+def _check_resume(task: Task, checkpoint_dir: str, split: BatchSplit) -> dict:
+    """The run record of ``checkpoint_dir`` (new, or the one being resumed after checking that it still fits)."""
+    fingerprint = data_fingerprint(task)
+    path = os.path.join(checkpoint_dir, "run.json")
+    record = {"task": task.name, "quick": task.quick, "data": fingerprint,
+              "tokens_per_update": split.tokens_per_update, "history": []}
+    has_checkpoint = os.path.exists(os.path.join(checkpoint_dir, "checkpoint_last.pt"))
+    if not os.path.exists(path) or not has_checkpoint:
+        return record
+    previous = read_json(path)
+    start_over = (f"remove {checkpoint_dir} (or set CHECKPOINT_ROOT elsewhere) to train from scratch, or restore "
+                  "the earlier settings to resume")
+    if previous.get("data") != fingerprint:
+        raise RelaConfigError(f"the data of {task.name} changed since the checkpoints in {checkpoint_dir} were "
+                              f"trained (it was prepared again with other settings): they no longer fit it; "
+                              f"{start_over}")
+    if previous.get("tokens_per_update") != split.tokens_per_update:
+        raise RelaConfigError(f"tokens_per_update is {split.tokens_per_update} in the config but the checkpoints in "
+                              f"{checkpoint_dir} were trained with {previous.get('tokens_per_update')}; {start_over}")
+    last = previous["history"][-1]["batch"] if previous.get("history") else None
+    if last and (last["devices"], last["max_tokens"], last["update_freq"]) != (
+            split.devices, split.max_tokens, split.update_freq):
+        logger.warning(f"resuming on {split.devices} device(s) (trained so far on {last['devices']}): "
+                       f"{last['max_tokens']} x {last['update_freq']} x {last['devices']} becomes "
+                       f"{split.max_tokens} x {split.update_freq} x {split.devices}; tokens per update stay at "
+                       f"{split.tokens_per_update} ({100 * split.deviation:+.2f}%)")
+    previous.update(record, history=previous.get("history", []))
+    return previous
+
+
+def run_logged(cmd: list[str], log_path: str) -> int:
+    """Run ``cmd``, its output shown as it comes and appended to ``log_path`` (after the command line)."""
     logger.info("running: " + " ".join(cmd))
-    with open(os.path.join(task.checkpoint_dir(system), "train.log"), "a", encoding="utf-8") as log:
-        log.write("# " + " ".join(cmd) + "\n")
-    result = subprocess.run(cmd)
-    if result.returncode != 0:
-        sys.exit(result.returncode)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"# {datetime.datetime.now().isoformat(timespec='seconds')}: {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            log.write(line)
+        return proc.wait()

@@ -1,0 +1,309 @@
+"""compare: the paper's comparison on one task, end to end: train what is missing, evaluate, analyse the attention of
+every system, measure its speed against softmax in the same run, and print one table (Markdown), written beside a
+JSON with every number and the plots.
+
+Re-running reuses finished work: a run whose checkpoints reached the config's ``max_update`` on the current data is
+not trained again, a result newer than its checkpoints is not evaluated again, an analysis newer than its result is
+not recomputed, and the speed measurement is kept once it covers the systems compared. Every stage logs what it does
+(and fairseq its own progress).
+
+Outputs, in RESULTS_ROOT/<task>/compare/: ``compare.md`` (the table), ``compare.json``, ``sparsity.png``,
+``null_rate.png`` (per layer and head, one row of panels per system) and ``cross_sentence<N>_layer<L>.png``
+(cross-attention of test sentence N in layer L, one row per system, one column per head).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import statistics
+import time
+
+from ..averaging import checkpoint_updates
+from ..files import read_json, write_json
+from ..settings import ATTENTION_TYPES
+from ..systems import LABELS
+from .commands import training_seconds
+from .config import Task, data_fingerprint
+from .evaluate import evaluate
+from .prepare import prepare
+from .train import train
+
+logger = logging.getLogger(__name__)
+REFERENCE = "softmax"
+
+
+def compare(task: Task, systems: list[str], seeds: int = 1, mirror: str | None = None) -> dict:
+    started = time.time()
+    out_dir = os.path.join(task.results_dir, "compare")
+    os.makedirs(out_dir, exist_ok=True)
+    if REFERENCE not in systems:
+        systems = [REFERENCE, *systems]
+        logger.info(f"adding {REFERENCE}: speeds are measured against it")
+    stage = _Stages(1 + len(systems) * seeds * 2 + len(systems) + 2)
+    stage("prepare the data")
+    prepare(task, mirror=mirror)
+    first_seed = task["train"]["seed"]
+    seed_list = list(range(first_seed, first_seed + seeds))
+
+    runs: dict[str, list[dict]] = {}
+    for system in systems:
+        for seed in seed_list:
+            stage(f"{LABELS[system]}, seed {seed}: train")
+            trained_now = _train_if_needed(task, system, seed)
+            stage(f"{LABELS[system]}, seed {seed}: evaluate")
+            result = _evaluate_if_needed(task, system, seed, force=trained_now)
+            runs.setdefault(system, []).append(_run_entry(task, system, seed, result))
+        runs[system] += _further_finished_seeds(task, system, seed_list)
+
+    analyses = {}
+    for system in systems:
+        stage(f"{LABELS[system]}: attention analysis")
+        analyses[system] = _analyse_if_needed(task, system, out_dir)
+
+    stage("speed against softmax (nothing else should run meanwhile)")
+    speed = _speed_if_needed(task, systems, out_dir, stage)
+
+    stage("table and plots")
+    report = {
+        "task": task.name,
+        "quick": task.quick,
+        "test_set": runs[systems[0]][0]["test_set"],
+        "seeds": seed_list,
+        "systems": {s: _summary(s, runs[s], analyses[s], speed["systems"].get(s)) for s in systems},
+        "speed": {k: v for k, v in speed.items() if k != "systems"},
+        "signature": runs[systems[0]][0]["signature"],
+        "wall_seconds": round(time.time() - started),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(os.path.join(out_dir, "compare.json"), report)
+    table = markdown_table(report)
+    with open(os.path.join(out_dir, "compare.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    plots = _plots(task, systems, analyses, out_dir)
+    print(table)
+    print(f"\nwritten to {out_dir}: compare.md, compare.json and {len(plots)} plots")
+    return report
+
+
+class _Stages:
+    """Numbered progress lines: ``[compare 3/17] ReLA-g, seed 1: train``."""
+
+    def __init__(self, total: int):
+        self.total, self.n = total, 0
+
+    def __call__(self, what: str) -> None:
+        self.n = min(self.n + 1, self.total)
+        logger.info(f"[compare {self.n}/{self.total}] {what}")
+
+
+# --------------------------------------------------------------------------- train and evaluate, reusing finished work
+
+def _finished_updates(task: Task, system: str, seed: int) -> int | None:
+    """The updates of a finished run on the current data, or None if it must (still) be trained."""
+    checkpoint_dir = task.checkpoint_dir(system, seed)
+    last = os.path.join(checkpoint_dir, "checkpoint_last.pt")
+    record = os.path.join(checkpoint_dir, "run.json")
+    if not (os.path.exists(last) and os.path.exists(record)):
+        return None
+    if read_json(record).get("data") != data_fingerprint(task):
+        return None  # train() explains that the data changed
+    updates = checkpoint_updates(last)
+    return updates if updates >= task["train"]["max_update"] else None
+
+
+def _train_if_needed(task: Task, system: str, seed: int) -> bool:
+    updates = _finished_updates(task, system, seed)
+    if updates is not None:
+        logger.info(f"{task.run_name(system, seed)}: trained already ({updates} updates), reusing it")
+        return False
+    train(task, system, seed=seed)
+    return True
+
+
+def _evaluate_if_needed(task: Task, system: str, seed: int, force: bool) -> dict:
+    path = task.result_path(system, seed)
+    checkpoint_dir = task.checkpoint_dir(system, seed)
+    last = os.path.join(checkpoint_dir, "checkpoint_last.pt")
+    if not force and os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(last):
+        logger.info(f"{task.run_name(system, seed)}: evaluated already, reusing {path}")
+        return read_json(path)
+    return evaluate(task, system, seed=seed)
+
+
+def _run_entry(task: Task, system: str, seed: int, result: dict) -> dict:
+    log_path = os.path.join(task.checkpoint_dir(system, seed), "train.log")
+    seconds = None
+    if os.path.exists(log_path):
+        with open(log_path, encoding="utf-8") as f:
+            seconds = training_seconds(f.read())
+    return {"seed": seed, "bleu": result["sacrebleu"]["score"], "chrf": result["chrf"]["score"],
+            "train_seconds": seconds, "checkpoint": os.path.join(task.checkpoint_dir(system, seed),
+                                                                 result["checkpoint"]),
+            "signature": result["sacrebleu"]["signature"], "test_set": result["test_set"]}
+
+
+def _further_finished_seeds(task: Task, system: str, seed_list: list[int]) -> list[dict]:
+    """Runs of other seeds that are finished and evaluated (from an earlier ``--seeds``): they count too."""
+    entries = []
+    prefix = f"{system}-seed"
+    if not os.path.isdir(task.checkpoint_root):
+        return entries
+    for name in sorted(os.listdir(task.checkpoint_root)):
+        if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+            continue
+        seed = int(name[len(prefix):])
+        path = task.result_path(system, seed)
+        if seed in seed_list or _finished_updates(task, system, seed) is None or not os.path.exists(path):
+            continue
+        entries.append(_run_entry(task, system, seed, read_json(path)))
+    return entries
+
+
+# --------------------------------------------------------------------------- analysis and speed
+
+def _analyse_if_needed(task: Task, system: str, out_dir: str) -> dict:
+    """Attention statistics of the first seed's decoded checkpoint on the test set (cached beside the table)."""
+    from ..analyze import analyse, load_model
+
+    path = os.path.join(out_dir, f"{system}.attention.json")
+    result_path = task.result_path(system)
+    if os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(result_path):
+        logger.info(f"{system}: attention analysed already, reusing {path}")
+        return read_json(path)
+    checkpoint = os.path.join(task.checkpoint_dir(system), read_json(result_path)["checkpoint"])
+    model, fairseq_task = load_model(checkpoint, task.bin_dir, "test")
+    summary = analyse(model, fairseq_task, "test").attention
+    write_json(path, summary)
+    return summary
+
+
+def _speed_if_needed(task: Task, systems: list[str], out_dir: str, stage) -> dict:
+    from .throughput import measure
+
+    path = os.path.join(out_dir, "speed.json")
+    settings = task.get("compare") or {}
+    wanted = {"updates": settings.get("speed_updates", 20), "sentences": settings.get("speed_sentences", 200),
+              "rounds": settings.get("speed_rounds", 3)}
+    if os.path.exists(path):
+        cached = read_json(path)
+        if set(systems) <= set(cached["systems"]) and all(cached.get(k) == v for k, v in wanted.items()):
+            logger.info(f"speed measured already, reusing {path} (delete it to measure again)")
+            return cached
+    checkpoints = {s: os.path.join(task.checkpoint_dir(s), read_json(task.result_path(s))["checkpoint"])
+                   for s in systems}
+    speed = measure(task, checkpoints, progress=lambda what: logger.info(what), reference=REFERENCE, **wanted)
+    write_json(path, speed)
+    return speed
+
+
+# --------------------------------------------------------------------------- the table
+
+def _mean_sd(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    return {"mean": round(statistics.mean(values), 2) if values else None,
+            "sd": round(statistics.stdev(values), 2) if len(values) > 1 else None, "n": len(values),
+            "values": values}
+
+
+def _summary(system: str, runs: list[dict], attention: dict, speed: dict | None) -> dict:
+    types = attention["types"]
+    return {
+        "label": LABELS[system],
+        "runs": runs,
+        "bleu": _mean_sd([r["bleu"] for r in runs]),
+        "chrf": _mean_sd([r["chrf"] for r in runs]),
+        "train_seconds": _mean_sd([r["train_seconds"] for r in runs]),
+        "train_speed": speed and speed["train_ratio"],
+        "decode_speed": speed and speed["decode_ratio"],
+        "speed_raw": speed,
+        "sparsity": {t.name: types[t.name]["overall"]["sparsity"] for t in ATTENTION_TYPES if t.name in types},
+        "null_rate": {t.name: types[t.name]["overall"]["null_rate"] for t in ATTENTION_TYPES if t.name in types},
+        "js": {t.name: types[t.name]["overall"]["js"] for t in ATTENTION_TYPES if t.name in types},
+        "overall_sparsity": attention.get("overall_sparsity"),
+    }
+
+
+def _fmt_mean_sd(stat: dict, digits: int = 1) -> str:
+    if stat["mean"] is None:
+        return "–"
+    text = f"{stat['mean']:.{digits}f}"
+    return text + (f" ± {stat['sd']:.{digits}f}" if stat["sd"] is not None else "")
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _num(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_table(report: dict) -> str:
+    """One row per system: BLEU and chrF (mean ± sd over seeds), speed × softmax, then sparsity, null rate and JS
+    head diversity per attention type (encoder self / decoder self / cross)."""
+    short = "/".join(t.short for t in ATTENTION_TYPES)
+    header = ["system", "seeds", "BLEU", "chrF", "train ×softmax", "decode ×softmax", f"sparsity % ({short})",
+              f"null rate % ({short})", f"JS nats ({short})", "train min"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in report["systems"].values():
+        per_type = [" / ".join(fmt(s[key].get(t.name)) for t in ATTENTION_TYPES)
+                    for key, fmt in (("sparsity", _pct), ("null_rate", _pct), ("js", _num))]
+        minutes = s["train_seconds"]["mean"]
+        lines.append("| " + " | ".join([
+            s["label"], str(s["bleu"]["n"]), _fmt_mean_sd(s["bleu"]), _fmt_mean_sd(s["chrf"]),
+            _num(s["train_speed"]), _num(s["decode_speed"]), *per_type,
+            "–" if minutes is None else f"{minutes / 60:.1f}"]) + " |")
+    speed = report["speed"]
+    notes = [
+        "",
+        f"{report['task']}{' (QUICK)' if report['quick'] else ''}, test set {report['test_set']}: SacreBLEU "
+        f"`{report['signature']}` and chrF, mean ± standard deviation over the seeds. Speed: fairseq's own words/s "
+        f"(training, {speed['updates']} updates from scratch) and sentences/s (decoding, about {speed['sentences']} "
+        f"test sentences, beam as evaluated) relative to softmax, median over {speed['rounds']} interleaved rounds "
+        "in the same run. Sparsity and null rate over valid query-key pairs of the test set (teacher-forced, first "
+        "seed); JS head diversity in nats. train min: fairseq's training time per run.",
+    ]
+    return "\n".join(lines + notes)
+
+
+def _plots(task: Task, systems: list[str], analyses: dict, out_dir: str) -> list[str]:
+    from ..analyze import load_model, plots
+
+    labelled = {LABELS[s]: analyses[s] for s in systems}
+    written = []
+    for metric in ("sparsity", "null_rate"):
+        written += plots.layer_head_stats(labelled, os.path.join(out_dir, f"{metric}.png"), metric)
+    sentences = sorted(set((task.get("compare") or {}).get("heatmap_sentences", [0])))
+    maps: dict[int, dict] = {}
+    for system in systems:
+        checkpoint = os.path.join(task.checkpoint_dir(system), read_json(task.result_path(system))["checkpoint"])
+        model, fairseq_task = load_model(checkpoint, task.bin_dir, "test")
+        for sentence_id, (src, tgt, layers) in _cross_attention(model, fairseq_task, sentences).items():
+            maps.setdefault(sentence_id, {"src": src, "tgt": tgt, "systems": {}})["systems"][LABELS[system]] = layers
+    for sentence_id, entry in sorted(maps.items()):
+        layers = sorted(next(iter(entry["systems"].values())))
+        for layer in layers:
+            weights = {label: by_layer[layer] for label, by_layer in entry["systems"].items()}
+            path = os.path.join(out_dir, f"cross_sentence{sentence_id}_layer{layer + 1}.png")
+            written += plots.heatmap_grid(weights, entry["src"], entry["tgt"], path,
+                                          f"{task.name}: cross-attention, test sentence {sentence_id}, "
+                                          f"layer {layer + 1}")
+    return written
+
+
+def _cross_attention(model, fairseq_task, sentence_ids: list[int]) -> dict:
+    """{sentence id: (source tokens, target tokens, {layer: weights [H, T, S]})} for the wanted test sentences."""
+    from ..analyze import forced_batches, sentence_maps
+
+    wanted, found = set(sentence_ids), {}
+    for batch in forced_batches(model, fairseq_task, "test"):
+        for b, sid in enumerate(batch.ids.tolist()):
+            if sid in wanted:
+                maps, tgt, src = sentence_maps(batch, b, "cross", fairseq_task.source_dictionary,
+                                               fairseq_task.target_dictionary)
+                found[sid] = (src, tgt, maps)
+        if len(found) == len(wanted):
+            break
+    return found

@@ -1,0 +1,75 @@
+"""Run one of fairseq's command-line tools as the pipeline does: the installed tool itself, with the known harmless
+warnings silenced (``rela_fairseq/quiet.py``) and fairseq's own log format.
+
+    python rela_fairseq/pipeline/fairseq_tool.py fairseq-train DATA --arch transformer_rela ...
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \\
+        rela_fairseq/pipeline/fairseq_tool.py fairseq-train-torchrun DATA --arch transformer_rela ...
+
+It runs as a script, not as ``python -m rela_fairseq...``: importing the package would import fairseq before the
+tool sets up logging, and one of fairseq's speech tasks then sets every logger to DEBUG. Standard library only.
+
+``fairseq-train-torchrun`` is fairseq-train under torchrun, one process per device on one node or many. fairseq reads
+torchrun's environment itself only on GPUs (it computes ``rank % cuda.device_count()``); the rank, world size and
+local device are passed explicitly instead, so the same command also runs on CPUs with the gloo backend (tests) and on
+GPUs with NCCL.
+"""
+
+import importlib
+import logging
+import os
+import runpy
+import sys
+
+TOOLS = {  # console script -> the module whose cli_main it runs (fairseq's setup.py entry points)
+    "fairseq-preprocess": "fairseq_cli.preprocess",
+    "fairseq-train": "fairseq_cli.train",
+    "fairseq-train-torchrun": "fairseq_cli.train",
+    "fairseq-generate": "fairseq_cli.generate",
+    "fairseq-interactive": "fairseq_cli.interactive",
+}
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def command(tool):
+    """The command line that runs ``tool`` this way, with this Python (for torchrun: the arguments after its own)."""
+    if tool not in TOOLS:
+        raise ValueError(f"unknown fairseq tool {tool!r}; choose one of {', '.join(TOOLS)}")
+    script = os.path.join(HERE, "fairseq_tool.py")
+    return [script, tool] if tool.endswith("-torchrun") else [sys.executable, script, tool]
+
+
+def distributed_args(env=os.environ, cuda=None):
+    """fairseq-train's options for the process torchrun started (RANK, WORLD_SIZE, LOCAL_RANK in ``env``)."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+    if missing:
+        raise SystemExit(f"fairseq-train-torchrun: {', '.join(missing)} not set; start it with torchrun")
+    args = ["--distributed-world-size", env["WORLD_SIZE"], "--distributed-rank", env["RANK"],
+            "--distributed-init-method", "env://", "--distributed-no-spawn", "--device-id", env["LOCAL_RANK"]]
+    if not cuda:
+        # gloo, and fairseq's own all-reduce: torch's DDP refuses device ids for CPU modules
+        args += ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp", "--cpu"]
+    return args
+
+
+def main():
+    if sys.path and os.path.abspath(sys.path[0] or os.curdir) == HERE:
+        sys.path.pop(0)  # run as a script: this folder's modules (config, train, ...) must not shadow others
+    if len(sys.argv) < 2 or sys.argv[1] not in TOOLS:
+        sys.exit(f"usage: {os.path.basename(__file__)} {{{','.join(TOOLS)}}} ARGS...")
+    tool, args = sys.argv[1], sys.argv[2:]
+    # what fairseq_cli/train.py does before it imports fairseq
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
+                        level=os.environ.get("LOGLEVEL", "INFO").upper(), stream=sys.stdout)
+    runpy.run_path(os.path.join(os.path.dirname(HERE), "quiet.py"))["quiet_known_warnings"]()
+    if tool.endswith("-torchrun"):
+        args += distributed_args()
+    sys.argv = [tool.replace("-torchrun", ""), *args]
+    importlib.import_module(TOOLS[tool]).cli_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Training and decoding throughput as fairseq itself reports it, for systems compared in one run.
+
+Training: ``fairseq-train`` from scratch for a few updates on the task's real data (nothing saved, no validation),
+target words per second from its own ``train_inner`` log line of the last interval (the first one holds the start-up).
+Decoding: ``fairseq-generate`` on the first shard of the test set with a trained checkpoint, sentences per second from
+its own "Translated N sentences ... (x sentences/s)" line. The systems are measured round after round, each round in
+another order, and a system's ratio to softmax is the median over rounds of the ratio within the round: this machine's
+speed drifts between rounds, not within one. Nothing else should run meanwhile (on 2 cores two processes' thread
+pools thrash and a system can look 3x slower than it is).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import subprocess
+import tempfile
+
+from ..errors import RelaFairseqError
+from .commands import generate_command, generation_speed, length_limits, train_command, train_inner_wps
+from .config import Task
+from .fairseq_tool import command as fairseq_command
+from .runtime import hardware
+
+logger = logging.getLogger(__name__)
+
+
+def train_words_per_second(task: Task, system: str, updates: int) -> float:
+    """Target words per second of ``fairseq-train`` over the last half of ``updates`` updates."""
+    with tempfile.TemporaryDirectory() as save_dir:
+        args, _ = train_command(task, system, ["--max-update", str(updates), "--log-interval",
+                                               str(max(1, updates // 2)), "--no-save", "--disable-validation",
+                                               "--save-dir", save_dir, "--no-progress-bar"], hardware())
+        out = _run([*fairseq_command("fairseq-train"), *args])
+    rates = train_inner_wps(out)
+    if not rates:
+        raise RelaFairseqError(f"fairseq-train printed no train_inner line for {system}:\n{out[-2000:]}")
+    return rates[-1]
+
+
+def generate_sentences_per_second(task: Task, checkpoint: str, sentences: int) -> float:
+    """Sentences per second of ``fairseq-generate`` on about ``sentences`` test sentences (the first of
+    ceil(test size / sentences) shards, 50 sentences a batch), with the task's beam, length penalty and limits."""
+    shards = max(1, -(-_test_size(task) // sentences))
+    settings = task["evaluate"]
+    cmd = generate_command(task, checkpoint, hardware(), settings["beam"], settings["lenpen"], "--batch-size", "50",
+                           "--num-shards", str(shards), "--shard-id", "0", *length_limits(settings))
+    speed = generation_speed(_run(cmd))
+    if speed is None:
+        raise RelaFairseqError(f"fairseq-generate reported no speed for {checkpoint}")
+    return speed["sentences_per_s"]
+
+
+def _test_size(task: Task) -> int:
+    with open(task.path("raw", "test.ref"), encoding="utf-8") as f:
+        return sum(1 for _ in f)
+
+
+def _run(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RelaFairseqError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout + proc.stderr
+
+
+def measure(task: Task, checkpoints: dict[str, str], updates: int, sentences: int, rounds: int,
+            reference: str = "softmax", progress=None) -> dict:
+    """{system: {train_wps: [...], decode_sps: [...], train_ratio, decode_ratio}} over ``rounds`` rounds; ratios to
+    ``reference`` (which must be among ``checkpoints``: system -> a trained checkpoint to decode with)."""
+    if reference not in checkpoints:
+        raise RelaFairseqError(f"speed ratios need the reference system {reference!r} among the systems measured")
+    systems = list(checkpoints)
+    raw = {s: {"train_wps": [], "decode_sps": []} for s in systems}
+    for r in range(rounds):
+        order = systems[r % len(systems):] + systems[:r % len(systems)]
+        for system in order:
+            if progress:
+                progress(f"speed round {r + 1}/{rounds}: {system}")
+            raw[system]["train_wps"].append(train_words_per_second(task, system, updates))
+            raw[system]["decode_sps"].append(generate_sentences_per_second(task, checkpoints[system], sentences))
+    for system in systems:
+        for key, ratio in (("train_wps", "train_ratio"), ("decode_sps", "decode_ratio")):
+            ratios = [a / b for a, b in zip(raw[system][key], raw[reference][key])]
+            raw[system][ratio] = round(statistics.median(ratios), 3)
+            raw[system][key + "_median"] = round(statistics.median(raw[system][key]), 2)
+    return {"rounds": rounds, "updates": updates, "sentences": sentences, "reference": reference, "systems": raw}

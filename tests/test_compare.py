@@ -1,0 +1,87 @@
+"""Multi30k from the offline mirror, and scripts/compare.sh end to end on a QUICK run of two systems."""
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+import yaml
+from helpers import REPO
+from test_pipeline import run_script, script_env
+
+MIRROR = os.path.join(os.path.dirname(REPO), "shared", "data", "multi30k")
+
+
+@pytest.mark.one_python
+def test_multi30k_prepares_from_the_mirror_with_its_checksums(tmp_path):
+    proc = run_script("prepare.sh", "multi30k_de_en", env=script_env(tmp_path, RELA_DOWNLOAD_MIRROR=MIRROR))
+    data = tmp_path / "data" / "multi30k_de_en"
+    for split, n in (("train", 29000), ("valid", 1014), ("test", 1000)):
+        for lang in ("de", "en"):
+            assert len((data / "raw" / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()) == n
+    assert len((data / "raw" / "test.ref").read_text(encoding="utf-8").splitlines()) == 1000
+    with open(os.path.join(REPO, "configs", "multi30k_de_en.yaml")) as f:
+        downloads = yaml.safe_load(f)["data"]["downloads"]
+    for entry in downloads.values():  # every download is the mirror's file, as the config's sha256 says
+        path = data / "downloads" / os.path.basename(entry["url"])
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+    assert (data / "bin" / "dict.en.txt").exists() and "valid: kept 1014 of 1014 pairs" in proc.stderr
+
+
+@pytest.mark.one_python
+def test_a_corrupted_mirror_file_is_a_clear_error_and_leaves_nothing_half_written(tmp_path):
+    mirror = tmp_path / "mirror"
+    shutil.copytree(MIRROR, mirror)
+    data = bytearray((mirror / "val.en.gz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (mirror / "val.en.gz").write_bytes(bytes(data))
+    proc = run_script("prepare.sh", "multi30k_de_en", env=script_env(tmp_path, RELA_DOWNLOAD_MIRROR=mirror, QUICK=1),
+                      check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "val.en.gz: sha256 checksum mismatch (expected 14f7d25d" in proc.stderr
+    downloads = tmp_path / "data" / "multi30k_de_en-quick" / "downloads"
+    assert not (downloads / "val.en.gz").exists() and not (downloads / "val.en.gz.part").exists()
+    assert not (tmp_path / "data" / "multi30k_de_en-quick" / "raw").exists()
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    env = script_env(root, QUICK=1, RELA_DOWNLOAD_MIRROR=MIRROR)
+    first = run_script("compare.sh", "multi30k_de_en", "softmax", "rela_g", env=env)
+    return root, env, first
+
+
+def test_compare_prints_the_table_and_writes_json_and_plots(compared):
+    root, _, first = compared
+    out_dir = root / "results" / "multi30k_de_en-quick" / "compare"
+    table = (out_dir / "compare.md").read_text()
+    assert table in first.stdout
+    header = table.splitlines()[0]
+    for column in ("BLEU", "chrF", "train ×softmax", "decode ×softmax", "sparsity % (enc/dec/cross)",
+                   "null rate % (enc/dec/cross)", "JS nats (enc/dec/cross)"):
+        assert column in header
+    rows = [line for line in table.splitlines() if line.startswith("| softmax") or line.startswith("| ReLA-g")]
+    assert len(rows) == 2 and not any("–" in row for row in rows), rows  # every column filled
+    report = json.loads((out_dir / "compare.json").read_text())
+    for system in ("softmax", "rela_g"):
+        s = report["systems"][system]
+        assert s["bleu"]["mean"] is not None and s["chrf"]["mean"] is not None and s["bleu"]["n"] == 1
+        assert s["train_speed"] > 0 and s["decode_speed"] > 0
+        for metric in ("sparsity", "null_rate", "js"):
+            assert set(s[metric]) == {"encoder", "decoder", "cross"} and None not in s[metric].values()
+    assert report["systems"]["softmax"]["sparsity"]["cross"] == 0.0
+    assert report["systems"]["rela_g"]["sparsity"]["cross"] > 0.0
+    assert report["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    plots = set(os.listdir(out_dir))
+    assert {"sparsity.png", "null_rate.png", "cross_sentence0_layer1.png"} <= plots
+
+
+def test_compare_again_trains_nothing(compared):
+    root, env, first = compared
+    assert "fairseq-train" in first.stderr
+    again = run_script("compare.sh", "multi30k_de_en", "softmax", "rela_g", env=env)
+    assert "fairseq-train" not in again.stderr + again.stdout and "fairseq-generate" not in again.stderr
+    assert again.stderr.count("trained already") == 2 and "speed measured already" in again.stderr
+    assert (root / "results" / "multi30k_de_en-quick" / "compare" / "compare.md").read_text() in again.stdout

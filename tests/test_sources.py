@@ -1,0 +1,326 @@
+"""Data you can trust: every source cited, every member in the real archives' manifests, prepare --check against a
+local server, the paper's batch on any number of devices, no silent staleness, no silent typos."""
+
+import copy
+import os
+import re
+import shutil
+
+import pytest
+import yaml
+from archive_server import ArchiveServer, manifests, real_config, serve_config, write_local_configs
+from helpers import REPO
+from test_pipeline import run_script, script_env
+
+from rela_fairseq.errors import RelaConfigError
+from rela_fairseq.pipeline.config import available_tasks, load_task
+
+pytestmark = pytest.mark.one_python
+DOWNLOAD_TASKS = [t for t in available_tasks() if not real_config(t)["data"].get("generator")]
+
+
+# --------------------------------------------------------------------------- citations and manifests
+
+@pytest.mark.parametrize("task", DOWNLOAD_TASKS)
+def test_every_download_cites_a_public_recipe(task):
+    for name, entry in real_config(task)["data"]["downloads"].items():
+        assert entry.get("recipes"), f"{task}: download {name} cites no public recipe"
+        assert all(isinstance(r, str) and len(r) > 10 for r in entry["recipes"])
+
+
+@pytest.mark.parametrize("task", DOWNLOAD_TASKS)
+def test_every_config_member_is_in_its_archive_manifest(task):
+    """The manifests come from the recipes, not from the configs: a member a config invents fails here."""
+    config, known = real_config(task), manifests()
+    for split in ("train", "valid", "test"):
+        for item in config["data"][split]:
+            for side in ("src", "tgt"):
+                member = item.get(side)
+                if member is None:
+                    continue  # the download is the text itself
+                download = config["data"]["downloads"][item.get(f"{side}_download") or item["download"]]
+                key = (download.get("urls") or [download.get("url")])[0]
+                assert key in known, f"{task}: {key} has no manifest in tests/data/archive_manifests.yaml"
+                assert member in known[key]["members"], f"{task}: {key} holds no member {member!r}"
+                assert known[key].get("recipes")
+
+
+def test_the_manifest_test_catches_an_invented_member():
+    config = real_config("wmt16_ro_en")
+    known = manifests()
+    url = config["data"]["downloads"]["europarl_v8"]["url"]
+    assert "training/europarl-v8.ro-en.ro" not in known[url]["members"]  # the old, wrong member path
+    assert "training-parallel-ep-v8/europarl-v8.ro-en.ro" in known[url]["members"]
+
+
+# --------------------------------------------------------------------------- prepare --check
+
+@pytest.fixture
+def server(tmp_path):
+    folder = tmp_path / "served"
+    folder.mkdir()
+    srv = ArchiveServer(str(folder)).start()
+    yield srv
+    srv.shutdown()
+
+
+def served_task(task, server, tmp_path, edit=None):
+    config = real_config(task)
+    serve_config(config, server, server.folder)
+    if edit:
+        edit(config)
+    write_local_configs(task, config, tmp_path / "configs")
+    return script_env(tmp_path, RELA_CONFIG_DIR=tmp_path / "configs")
+
+
+def test_check_verifies_checksums_and_members_without_preparing(server, tmp_path):
+    env = served_task("wmt14_en_fr", server, tmp_path)
+    proc = run_script("prepare.sh", "wmt14_en_fr", "--check", env=env)
+    out = proc.stdout
+    assert "md5 ok (a streamed copy)" in out and "members: 2 of 2 found" in out and "FAILED" not in out
+    assert not (tmp_path / "data" / "wmt14_en_fr").exists(), "--check prepares nothing"
+    assert any(method == "HEAD" for method, _, _ in server.requests)
+
+
+def test_check_reads_zip_and_tar_member_lists_through_range_requests(server, tmp_path):
+    """Over --check-max-mb: the zip central directory and the tar headers come through range requests; a tgz cannot
+    be listed without reading it whole, and the report says so."""
+    env = served_task("wmt14_en_fr", server, tmp_path)
+    proc = run_script("prepare.sh", "wmt14_en_fr", "--check", "--check-max-mb", "0", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    giga = [r for m, n, r in server.requests if n == "training-giga-fren.tar" and m == "GET"]
+    assert giga and all(r and r.startswith("bytes=") for r in giga), giga  # never the whole file
+    lines = proc.stdout.splitlines()
+    giga_status = lines[[i for i, line in enumerate(lines) if "training-giga-fren.tar" in line][0] + 1]
+    assert "members: 2 of 2 found" in giga_status and "checksum: not verified" in giga_status
+    assert "could not verify:" in proc.stdout and "a compressed archive is read whole" in proc.stdout
+
+    env = served_task("wmt16_ro_en", server, tmp_path)
+    proc = run_script("prepare.sh", "wmt16_ro_en", "--check", "--check-max-mb", "0", env=env)
+    assert proc.returncode == 0, proc.stdout
+    zip_requests = [r for m, n, r in server.requests if n == "setimes2.en-ro.txt.zip" and m == "GET"]
+    assert zip_requests and all(r for r in zip_requests)
+
+
+def test_check_fails_on_a_wrong_member_naming_it(server, tmp_path):
+    def wrong(config):
+        config["data"]["train"][0]["src"] = "training/europarl-v8.ro-en.ro"  # the member of the WMT17 archive
+
+    env = served_task("wmt16_ro_en", server, tmp_path, wrong)
+    proc = run_script("prepare.sh", "wmt16_ro_en", "--check", env=env, check=False)
+    assert proc.returncode == 1
+    assert "FAILED" in proc.stdout
+    assert "training-parallel-ep-v8.tgz has no member 'training/europarl-v8.ro-en.ro'" in proc.stdout
+    assert "training-parallel-ep-v8/europarl-v8.ro-en.en" in proc.stdout  # what it does hold
+
+
+def test_check_fails_on_a_dead_address(server, tmp_path):
+    def dead(config):
+        config["data"]["downloads"]["wmt16_test"]["url"] = f"{server.base}/gone/test.tgz"
+
+    env = served_task("wmt16_ro_en", server, tmp_path, dead)
+    proc = run_script("prepare.sh", "wmt16_ro_en", "--check", env=env, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{server.base}/gone/test.tgz: HTTP 404" in proc.stdout
+
+
+def test_check_works_offline_against_a_mirror_folder(tmp_path):
+    mirror = os.path.join(os.path.dirname(REPO), "shared", "data", "multi30k")
+    env = script_env(tmp_path, RELA_DOWNLOAD_MIRROR=mirror)
+    proc = run_script("prepare.sh", "multi30k_de_en", "--check", env=env)
+    assert proc.stdout.count("sha256 ok (the mirror's copy)") == 6, proc.stdout
+
+
+# --------------------------------------------------------------------------- the paper's batch
+
+@pytest.mark.parametrize("devices", [1, 2, 3, 8, 16])
+def test_tokens_per_update_within_two_percent_and_never_above(devices):
+    from rela_fairseq.pipeline.commands import split_batch
+
+    split = split_batch(25000, 6250, devices, min_tokens=251)
+    assert split.max_tokens * split.update_freq * devices == split.actual <= 25000
+    assert abs(split.deviation) <= 0.02
+    assert split.max_tokens <= 6250
+    if devices == 1:
+        assert (split.max_tokens, split.update_freq) == (6250, 4)  # the official 6,250 x 4
+
+
+@pytest.mark.parametrize("task", [t for t in available_tasks() if t != "toy"])
+@pytest.mark.parametrize("devices", [1, 2, 3, 8, 16])
+def test_every_task_gets_its_batch_in_the_command(task, devices):
+    from rela_fairseq.pipeline.commands import train_command
+    from rela_fairseq.pipeline.runtime import Hardware
+
+    loaded = load_task(task, quick=False)
+    args, split = train_command(loaded, "rela_g", hw=Hardware(gpus=devices, fp16=True, nodes=1,
+                                                             procs_per_node=devices))
+    max_tokens = int(args[args.index("--max-tokens") + 1])
+    update_freq = int(args[args.index("--update-freq") + 1])
+    target = loaded["train"]["tokens_per_update"]
+    assert 0.98 * target <= max_tokens * update_freq * devices <= target
+
+
+def test_too_many_devices_is_a_clear_error():
+    from rela_fairseq.pipeline.commands import split_batch
+
+    with pytest.raises(RelaConfigError, match="512 devices would get 48 tokens per step each, fewer than the longest"):
+        split_batch(25000, 6250, 512, min_tokens=251)
+
+
+# --------------------------------------------------------------------------- no silent staleness, no silent typos
+
+def copy_configs(tmp_path):
+    configs = tmp_path / "configs"
+    shutil.copytree(os.path.join(REPO, "configs"), configs)
+    return configs
+
+
+def edit_yaml(path, edit):
+    data = yaml.safe_load(open(path))
+    edit(data)
+    with open(path, "w") as f:
+        yaml.safe_dump(data, f)
+
+
+def test_a_changed_sentencepiece_setting_reruns_that_step_and_the_ones_after(tmp_path):
+    configs = copy_configs(tmp_path)
+    env = script_env(tmp_path, QUICK=1, RELA_CONFIG_DIR=configs)
+    run_script("prepare.sh", "toy", env=env)
+    data = tmp_path / "data" / "toy-quick"
+    old_dict = (data / "bin" / "dict.src.txt").read_text()
+    edit_yaml(configs / "toy.yaml", lambda c: c["quick"]["sentencepiece"].update(vocab_size=200))
+    again = run_script("prepare.sh", "toy", env=env)
+    log = again.stderr
+    assert "[generate] already done" in log
+    assert "[sentencepiece] settings changed since the last run (vocab_size: 300 -> 200): running it again, and " \
+           "every step after it" in log
+    assert "[encode] [sentencepiece] was run again: running it again" in log
+    assert "[binarize] [sentencepiece] was run again" in log
+    assert (data / "bin" / "dict.src.txt").read_text() != old_dict
+    # training refuses to resume checkpoints made on the old data
+    assert "already done" in run_script("prepare.sh", "toy", env=env).stderr
+
+
+def test_checkpoints_of_stale_data_are_refused(tmp_path, monkeypatch):
+    from rela_fairseq.pipeline import train as train_module
+    from rela_fairseq.pipeline.prepare import prepare
+
+    configs = copy_configs(tmp_path)
+    for name, value in (("RELA_CONFIG_DIR", configs), ("DATA_ROOT", tmp_path / "data"),
+                        ("CHECKPOINT_ROOT", tmp_path / "checkpoints")):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(train_module, "run_logged", lambda cmd, log: 0)  # what fairseq-train would do: nothing here
+    task = load_task("toy", quick=True)
+    prepare(task)
+    checkpoint_dir = train_module.train(task, "rela_i")
+    open(os.path.join(checkpoint_dir, "checkpoint_last.pt"), "w").close()
+    train_module.train(task, "rela_i")  # a resume on the same data is fine
+    edit_yaml(configs / "toy.yaml", lambda c: c["quick"]["sentencepiece"].update(vocab_size=200))
+    task = load_task("toy", quick=True)
+    prepare(task)
+    with pytest.raises(RelaConfigError, match=r"the data of toy changed since the checkpoints in .* no longer fit"):
+        train_module.train(task, "rela_i")
+
+
+@pytest.mark.parametrize("where,edit,message", [
+    ("train", lambda c: c["train"].update(warmup_update=8000),
+     "unknown key 'train.warmup_update'; accepted keys under 'train': arch, tokens_per_update"),
+    ("download", lambda c: c["data"]["downloads"]["wmt16_test"].update(md55="0" * 32),
+     "unknown key 'data.downloads.wmt16_test.md55'; accepted keys under 'data.downloads.wmt16_test': url, urls, md5"),
+    ("item", lambda c: c["data"]["train"][0].update(scr="x"),
+     "unknown key 'data.train[0].scr'; accepted keys under 'data.train[0]': download, src_download"),
+    ("quick", lambda c: c.setdefault("quick", {}).update(sentencepeice={"vocab_size": 10}),
+     "unknown key 'quick.sentencepeice'; accepted keys under 'quick': description, src, tgt, data"),
+    ("top", lambda c: c.update(evalute={"beam": 5}),
+     "unknown key 'evalute'; accepted keys at the top level: description, src, tgt, data"),
+    ("type", lambda c: c["train"].update(max_update="many"), "train.max_update = 'many' should be int"),
+    ("paper", lambda c: c["paper"].update(rela=1.0), "unknown key 'paper.rela'; accepted keys under 'paper': softmax"),
+])
+def test_config_typos_are_errors_naming_file_key_and_accepted_keys(tmp_path, monkeypatch, where, edit, message):
+    configs = copy_configs(tmp_path)
+    edit_yaml(configs / "wmt16_ro_en.yaml", lambda c: c.setdefault("train", {}) and None)
+    edit_yaml(configs / "wmt16_ro_en.yaml", edit)
+    monkeypatch.setenv("RELA_CONFIG_DIR", str(configs))
+    with pytest.raises(RelaConfigError) as info:
+        load_task("wmt16_ro_en")
+    assert f"{configs / 'wmt16_ro_en.yaml'}: {message}" in str(info.value)
+
+
+def test_a_config_typo_stops_the_scripts_with_one_line(tmp_path):
+    configs = copy_configs(tmp_path)
+    edit_yaml(configs / "_defaults.yaml", lambda c: c["train"].update(warmup_update=8000))
+    proc = run_script("train.sh", "toy", "rela_g", env=script_env(tmp_path, RELA_CONFIG_DIR=configs), check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"rela_fairseq: error: {configs / '_defaults.yaml'}: unknown key 'train.warmup_update'; accepted keys " \
+           "under 'train': arch, tokens_per_update, max_tokens, lr, warmup_updates" in proc.stderr
+
+
+# --------------------------------------------------------------------------- small defects
+
+def test_pipeline_keeps_a_double_dash_that_is_not_the_separator():
+    from rela_fairseq.pipeline.__main__ import fairseq_extra_args
+
+    assert fairseq_extra_args(["--", "--max-update", "5"]) == ["--max-update", "5"]
+    assert fairseq_extra_args(["--max-update", "5", "--", "x"]) == ["--max-update", "5", "--", "x"]
+    assert fairseq_extra_args([]) == []
+
+
+def test_report_formats_a_missing_js_value():
+    from rela_fairseq.pipeline.report import table
+
+    attention = {"overall_sparsity": 0.5, "types": {kind: {"overall": {"sparsity": 0.5, "null_rate": 0.1, "js": None}}
+                                                    for kind in ("encoder", "decoder", "cross")}}
+    row = {"aer": 0.3, "head": 0}
+    alignment = {"rows": [{"layer": 0, "best_head_normal": row, "avg_normal": row, "best_head_shifted": row,
+                           "avg_shifted": row}]}
+    result = {"sacrebleu": {"score": 1.0}, "chrf": {"score": 2.0}}
+    out = table({"rela_g": {"result": result, "attention": attention, "alignment": alignment}})
+    assert "JS head diversity (nats), cross" in out and "n/a" in out
+
+
+def test_a_failed_training_raises_instead_of_exiting(tmp_path, monkeypatch):
+    from rela_fairseq.pipeline import train as train_module
+
+    monkeypatch.setattr(train_module, "run_logged", lambda cmd, log: 3)
+    monkeypatch.setenv("DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.setenv("CHECKPOINT_ROOT", str(tmp_path / "ckpt"))
+    task = load_task("toy", quick=True)
+    os.makedirs(task.bin_dir)
+    open(os.path.join(task.bin_dir, "dict.tgt.txt"), "w").close()
+    with pytest.raises(train_module.TrainingFailed) as info:
+        train_module.train(task, "softmax")
+    assert info.value.returncode == 3 and "fairseq-train exited with code 3" in str(info.value)
+
+
+def test_schema_accepts_every_shipped_config():
+    for task in available_tasks():
+        loaded = load_task(task, quick=False)
+        assert copy.deepcopy(loaded.settings)
+        load_task(task, quick=True)
+
+
+def test_configs_readme_documents_every_key_of_the_schema():
+    from rela_fairseq.pipeline.config import TASK_KEYS, ListOf, MapOf
+
+    def keys(spec):
+        if isinstance(spec, (ListOf, MapOf)):
+            yield from keys(spec.item if isinstance(spec, ListOf) else spec.value)
+        elif isinstance(spec, dict):
+            for key, value in spec.items():
+                yield key
+                yield from keys(value)
+
+    readme = open(os.path.join(REPO, "configs", "README.md"), encoding="utf-8").read()
+    documented = {word for span in re.findall(r"`([^`]+)`", readme) for word in re.findall(r"\w+", span)}
+    missing = sorted(set(keys(TASK_KEYS)) - documented)
+    assert not missing, f"configs/README.md does not document {missing}"
+
+
+def test_two_downloads_saved_under_one_name_are_an_error(tmp_path, monkeypatch):
+    configs = copy_configs(tmp_path)
+    edit_yaml(configs / "wmt18_en_fi.yaml", lambda c: c["data"]["downloads"]["wmt18_test"].pop("file"))
+    edit_yaml(configs / "wmt18_en_fi.yaml", lambda c: c["data"]["downloads"]["wmt17_test"].pop("file"))
+    monkeypatch.setenv("RELA_CONFIG_DIR", str(configs))
+    with pytest.raises(RelaConfigError, match="downloads 'wmt17_test' and 'wmt18_test' would both be saved as "
+                                              "'test.tgz': give one of them its own 'file' name"):
+        load_task("wmt18_en_fi")

@@ -85,3 +85,23 @@ def test_compare_again_trains_nothing(compared):
     assert "fairseq-train" not in again.stderr + again.stdout and "fairseq-generate" not in again.stderr
     assert again.stderr.count("trained already") == 2 and "speed measured already" in again.stderr
     assert (root / "results" / "multi30k_de_en-quick" / "compare" / "compare.md").read_text() in again.stdout
+
+
+@pytest.mark.parametrize("argv", [
+    ["compare", "multi30k_de_en", "--seeds", "2", "softmax", "rela_g"],
+    ["compare", "multi30k_de_en", "softmax", "rela_g", "--seeds", "2"],
+    ["compare", "--seeds", "2", "multi30k_de_en", "softmax", "rela_g"],
+])
+def test_compare_takes_its_options_anywhere(argv):
+    from rela_fairseq.pipeline.__main__ import parse_args
+
+    args = parse_args(argv)
+    assert (args.task, args.systems, args.seeds) == ("multi30k_de_en", ["softmax", "rela_g"], 2)
+
+
+def test_compare_still_rejects_an_unknown_option(capsys):
+    from rela_fairseq.pipeline.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["compare", "multi30k_de_en", "--beam", "2", "softmax"])
+    assert "unrecognized arguments: --beam 2 softmax" in capsys.readouterr().err

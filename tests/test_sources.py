@@ -192,10 +192,9 @@ def test_a_changed_sentencepiece_setting_reruns_that_step_and_the_ones_after(tmp
     again = run_script("prepare.sh", "toy", env=env)
     log = again.stderr
     assert "[generate] already done" in log
-    assert "[sentencepiece] settings changed since the last run (vocab_size: 300 -> 200): running it again, and " \
-           "every step after it" in log
-    assert "[encode] [sentencepiece] was run again: running it again" in log
-    assert "[binarize] [sentencepiece] was run again" in log
+    assert "[sentencepiece] running again: settings changed since the last run (vocab_size: 300 -> 200)" in log
+    assert "[encode] running again: [sentencepiece], which it is made from, was run again" in log
+    assert "[binarize] running again: [sentencepiece], which it is made from" in log
     assert (data / "bin" / "dict.src.txt").read_text() != old_dict
     # training refuses to resume checkpoints made on the old data
     assert "already done" in run_script("prepare.sh", "toy", env=env).stderr

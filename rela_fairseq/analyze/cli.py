@@ -164,7 +164,8 @@ def run(args, parser):
         print("\n".join(written))
         return 0
 
-    from . import analyse, load_model
+    from .analysis import analyse
+    from .forced import load_model
 
     if not os.path.exists(args.path):
         parser.error(f"--path {args.path}: no such checkpoint")
@@ -179,8 +180,8 @@ def run(args, parser):
 
 
 def _align(args, model, task):
-    from . import AlignmentSettings, analyse
     from .align import links_text
+    from .analysis import AlignmentSettings, analyse
 
     settings = AlignmentSettings(args.gold, args.gold_index_base, args.swap, args.segmentation)
     result = analyse(model, task, args.gen_subset, settings, max_tokens=args.max_tokens, progress=not args.json)

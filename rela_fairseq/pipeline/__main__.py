@@ -84,6 +84,16 @@ def fairseq_extra_args(remainder: list[str]) -> list[str]:
     return remainder[1:] if remainder[:1] == ["--"] else list(remainder)
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args, unparsed = parser.parse_known_args(argv)
+    if unparsed and args.command == "compare" and not any(a.startswith("-") for a in unparsed):
+        args.systems += unparsed  # SYSTEMs after an option (TASK --seeds 2 softmax rela_g): argparse stops there
+    elif unparsed:
+        parser.error(f"unrecognized arguments: {' '.join(unparsed)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..quiet import quiet_known_warnings
 
@@ -91,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
                         stream=sys.stderr, force=True)  # fairseq's imports may have set the root logger to DEBUG
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from ..systems import get_system
     from .config import load_task
 

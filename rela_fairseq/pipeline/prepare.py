@@ -57,10 +57,10 @@ class Steps:
             if changes:
                 reason = f"settings changed since the last run ({changes})"
             elif self.rerun_from:
-                reason = f"[{self.rerun_from}] was run again"
+                reason = f"[{self.rerun_from}], which it is made from, was run again"
             else:
                 reason = "its inputs changed"
-            logger.warning(f"[{step}] {reason}: running it again, and every step after it")
+            logger.warning(f"[{step}] running again: {reason}")
         if os.path.exists(self.marker(step)):
             os.remove(self.marker(step))
         logger.info(f"[{step}] ...")

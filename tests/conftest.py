@@ -4,6 +4,7 @@ import os
 import re
 
 import pytest
+from archive_server import ArchiveServer
 from helpers import TINY_TRAIN_ARGS, run_cli
 
 from rela_fairseq.systems import SYSTEMS
@@ -71,3 +72,13 @@ def pytest_report_header(config):
 
     return f"fairseq {fairseq.__version__}, torch {torch.__version__}, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=" \
            f"{os.environ.get('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '(unset)')}"
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A local HTTP server on 127.0.0.1 serving the folder ``server.folder`` (archives the tests build)."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    srv = ArchiveServer(str(folder)).start()
+    yield srv
+    srv.shutdown()

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from archive_server import ArchiveServer, real_config, serve_config, write_local_configs
+from archive_server import real_config, serve_config, write_local_configs
 from helpers import REPO
 
 SCRIPTS = os.path.join(REPO, "scripts")
@@ -183,15 +183,6 @@ def test_scripts_help_works_before_the_environment_exists(tmp_path):
 
 
 # --------------------------------------------------------------------------- downloads, against a local server
-
-@pytest.fixture
-def server(tmp_path):
-    folder = tmp_path / "served"
-    folder.mkdir()
-    srv = ArchiveServer(str(folder)).start()
-    yield srv
-    srv.shutdown()
-
 
 def local_config(task, server, config_dir, archives_dir):
     """The real task config, its download addresses pointed at the local server, which serves archives built from

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import yaml
-from archive_server import ArchiveServer, manifests, real_config, serve_config, write_local_configs
+from archive_server import manifests, real_config, serve_config, write_local_configs
 from helpers import REPO
 from test_pipeline import run_script, script_env
 
@@ -54,15 +54,6 @@ def test_the_manifest_test_catches_an_invented_member():
 
 
 # --------------------------------------------------------------------------- prepare --check
-
-@pytest.fixture
-def server(tmp_path):
-    folder = tmp_path / "served"
-    folder.mkdir()
-    srv = ArchiveServer(str(folder)).start()
-    yield srv
-    srv.shutdown()
-
 
 def served_task(task, server, tmp_path, edit=None):
     config = real_config(task)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
 from dataclasses import dataclass
 
-from ..errors import RelaConfigError
+from ..errors import RelaConfigError, RelaFairseqError
 from ..systems import get_system
 from .config import Task
 from .fairseq_tool import command as fairseq_command
@@ -171,3 +172,12 @@ def training_seconds(log: str) -> float | None:
     """fairseq-train's own "done training in N seconds" (the last one in a log of several runs)."""
     found = _DONE_TRAINING.findall(log)
     return float(found[-1]) if found else None
+
+
+def run_fairseq(cmd: list[str], tool: str) -> subprocess.CompletedProcess:
+    """Run a fairseq command line (``generate_command``, ``train_command``) to the end, its output captured; a
+    failure is an error naming ``tool`` and ending with its stderr."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RelaFairseqError(f"{tool} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc

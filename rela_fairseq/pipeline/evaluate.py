@@ -11,13 +11,12 @@ import datetime
 import logging
 import os
 import re
-import subprocess
 
 from ..averaging import average_checkpoints, newest_checkpoints, save_atomically
 from ..errors import RelaFairseqError
 from ..files import read_lines, write_json, write_lines
 from ..systems import LABELS
-from .commands import generate_command, generation_speed, length_limits
+from .commands import generate_command, generation_speed, length_limits, run_fairseq
 from .config import Task
 from .runtime import hardware
 
@@ -29,9 +28,7 @@ def decode(task: Task, checkpoint: str, settings: dict, hw) -> tuple[list[str], 
     cmd = generate_command(task, checkpoint, hw, settings["beam"], settings["lenpen"], "--max-tokens",
                            str(settings["max_tokens"]), *length_limits(settings))
     logger.info("running: " + " ".join(cmd))
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RelaFairseqError(f"fairseq-generate failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    out = run_fairseq(cmd, "fairseq-generate")
     hyps = {}
     for line in out.stdout.splitlines():
         if line.startswith("H-"):

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import logging
 import statistics
-import subprocess
 import tempfile
 
 from ..errors import RelaFairseqError
-from .commands import generate_command, generation_speed, length_limits, train_command, train_inner_wps
+from .commands import generate_command, generation_speed, length_limits, run_fairseq, train_command, train_inner_wps
 from .config import Task
 from .fairseq_tool import command as fairseq_command
 from .runtime import hardware
@@ -31,7 +30,8 @@ def train_words_per_second(task: Task, system: str, updates: int) -> float:
         args, _ = train_command(task, system, ["--max-update", str(updates), "--log-interval",
                                                str(max(1, updates // 2)), "--no-save", "--disable-validation",
                                                "--save-dir", save_dir, "--no-progress-bar"], hardware())
-        out = _run([*fairseq_command("fairseq-train"), *args])
+        proc = run_fairseq([*fairseq_command("fairseq-train"), *args], "fairseq-train")
+        out = proc.stdout + proc.stderr
     rates = train_inner_wps(out)
     if not rates:
         raise RelaFairseqError(f"fairseq-train printed no train_inner line for {system}:\n{out[-2000:]}")
@@ -45,7 +45,8 @@ def generate_sentences_per_second(task: Task, checkpoint: str, sentences: int) -
     settings = task["evaluate"]
     cmd = generate_command(task, checkpoint, hardware(), settings["beam"], settings["lenpen"], "--batch-size", "50",
                            "--num-shards", str(shards), "--shard-id", "0", *length_limits(settings))
-    speed = generation_speed(_run(cmd))
+    proc = run_fairseq(cmd, "fairseq-generate")
+    speed = generation_speed(proc.stdout + proc.stderr)
     if speed is None:
         raise RelaFairseqError(f"fairseq-generate reported no speed for {checkpoint}")
     return speed["sentences_per_s"]
@@ -54,13 +55,6 @@ def generate_sentences_per_second(task: Task, checkpoint: str, sentences: int) -
 def _test_size(task: Task) -> int:
     with open(task.path("raw", "test.ref"), encoding="utf-8") as f:
         return sum(1 for _ in f)
-
-
-def _run(cmd: list[str]) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RelaFairseqError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc.stdout + proc.stderr
 
 
 def measure(task: Task, checkpoints: dict[str, str], updates: int, sentences: int, rounds: int,

@@ -19,6 +19,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["rela_fairseq", "rela_fairseq.*"]),
+    package_data={"rela_fairseq.kernels": ["*.cpp"]},  # compiled on first use (--rela-kernel)
     python_requires=">=3.8",
     install_requires=[
         # fairseq 0.12.2 does not import on Python >= 3.11; fairseq-fixed is fairseq main with that fix.
@@ -34,7 +35,12 @@ setup(
     ],
     extras_require={
         "analysis": ["matplotlib>=3.5"],
-        "test": ["pytest>=7", "matplotlib>=3.5", "ruff==0.17.6"],
+        # the fused ReLA kernels: ninja builds the CPU one on first use (with a C++ compiler); CUDA builds of torch
+        # bring Triton, which runs the GPU ones
+        "kernels": ["ninja"],
+        # Triton also runs the GPU kernels' tests on a CPU, in its interpreter
+        "test": ["pytest>=7", "matplotlib>=3.5", "ruff==0.17.6", "ninja",
+                 "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     entry_points={
         "console_scripts": [

@@ -4,8 +4,9 @@
 Builds both models exactly as ``speed.py`` does (same sizes, same synthetic batch), warms them up, then profiles
 ``--steps`` training steps of each with torch.profiler, alternating the two, and prints the operators whose self time
 differs most, with the wall time per step of each. Operators with the same shapes in both models (the matrix
-products) differ only by noise; the ones that exist in one model only (``sigmoid_``, ``GatedRMSNorm*`` for ReLA-g,
-``_softmax`` for softmax) are the attention function's own cost.
+products) differ only by noise; the ones that exist in one model only are the attention function's own cost:
+``FusedAttention*`` and ``FusedGatedRMSNorm*`` (the fused kernels, ``--rela-kernel auto``) or ``relu``, ``sigmoid_``
+and ``GatedRMSNorm*`` (``--system rela_g_eager``) for ReLA-g, ``_softmax`` and the fused softmax attention for softmax.
 
     python benchmarks/profile_step.py                       # ReLA-g vs softmax, Transformer-base, 48 tokens
     python benchmarks/profile_step.py --system rela_i --length 16 --json profile.json
@@ -100,6 +101,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     speed.quiet_logging()
+    speed.ignore_kernel_override()
     torch.manual_seed(1)
     result = run(args)
     print(report(result, args.top))

@@ -13,8 +13,13 @@ paper).
 * peak memory: during a training step; on CUDA the allocator's peak, on CPU the peak growth of the process's resident
   memory (sampled every millisecond; freed heap is returned with malloc_trim before each measurement).
 
-    python benchmarks/speed.py                  # small and Transformer-base, two lengths (minutes on a CPU)
+* ``--end-to-end TASK``: ``fairseq-train`` and ``fairseq-generate`` themselves on a prepared, trained task, words/s
+  and sentences/s from their own logs (the figures users see).
+
+    python benchmarks/speed.py                  # small and Transformer-base, lengths 16-512 (an hour on a CPU)
     python benchmarks/speed.py --quick          # tiny sizes, seconds (CI)
+    python benchmarks/speed.py --configs base --lengths 16 48 --systems rela_g --extra rela_g_eager
+    python benchmarks/speed.py --end-to-end multi30k_de_en --systems rela_g --extra rela_g_eager
     python benchmarks/speed.py --json out.json --device cuda
 """
 
@@ -45,10 +50,13 @@ SYSTEMS = {  # name -> (model, options); "softmax" is the stock fairseq Transfor
     "rela_g": ("transformer_rela", {"attn_fn": "rela", "rela_variant": "gated"}),
     "rela_i": ("transformer_rela", {"attn_fn": "rela", "rela_variant": "init"}),
 }
-EXTRA_SYSTEMS = {
+EXTRA_SYSTEMS = {  # rela_g and rela_i above run --rela-kernel auto: the fused kernels where they build
     "softmax_plugin": ("transformer_rela", {"attn_fn": "softmax"}),  # --attn-fn softmax through the plugin
-    "rela_g_fused": ("transformer_rela", {"attn_fn": "rela", "rela_variant": "gated", "rela_fused_norm": True}),
+    "rela_g_eager": ("transformer_rela", {"attn_fn": "rela", "rela_variant": "gated", "rela_kernel": "eager"}),
+    "rela_i_eager": ("transformer_rela", {"attn_fn": "rela", "rela_variant": "init", "rela_kernel": "eager"}),
 }
+E2E_VARIANTS = {"rela_g_eager": ("rela_g", {"RELA_FAIRSEQ_KERNEL": "eager"}),
+                "rela_i_eager": ("rela_i", {"RELA_FAIRSEQ_KERNEL": "eager"})}
 
 
 class Dictionary:
@@ -222,7 +230,9 @@ def run(args):
         models = {s: build(s, config, dictionary, device) for s in systems}
         optimizers = {s: torch.optim.Adam(m.parameters(), lr=1e-4) for s, m in models.items()}
         params = {s: sum(p.numel() for p in m.parameters()) for s, m in models.items()}
-        for length in args.lengths:
+        for length in args.lengths + [n for n in args.memory_lengths if n not in args.lengths]:
+            timed = length in args.lengths
+            kinds = ["train"] + (["decode"] if timed and length <= args.max_decode_length else [])
             batch = make_batch(dictionary, args.train_tokens, length, device, seed=length)
             decode_sample = make_batch(dictionary, args.decode_sentences * length, length, device, seed=length + 1)
             decode_sample = {"net_input": {k: v[: args.decode_sentences] for k, v in decode_sample["net_input"].items()
@@ -231,9 +241,10 @@ def run(args):
                                                         for s in systems})
             for system in systems:  # warm-up (and Adam's state)
                 time_training_step(models[system], optimizers[system], batch, device)
-                time_decoding(models[system], dictionary, decode_sample, length, device)
+                if "decode" in kinds:
+                    time_decoding(models[system], dictionary, decode_sample, length, device)
             # one step per system per round, the order rotating: a burst of noise hits every system alike
-            for kind in ("train", "decode"):
+            for kind in kinds if timed else []:
                 for repeat in range(args.repeats):
                     for system in systems[repeat % len(systems):] + systems[: repeat % len(systems)]:
                         if kind == "train":
@@ -252,44 +263,86 @@ def run(args):
 
 
 def summarize(cell, config, length, params):
-    """One row per system: median throughputs, and ratios to softmax as the median of the per-round ratios.
+    """One row per system: median throughputs, and ratios to softmax as the median of the per-round ratios (None
+    where not measured: decoding above --max-decode-length, timing at --memory-lengths).
 
     Each round runs every system back to back, so a ratio within a round compares measurements taken under the same
     machine load; the median over rounds then discards the rounds that a burst of load hit unevenly."""
+    def median(system, kind):
+        return statistics.median(cell[system][kind]) if cell[system][kind] else None
+
     def ratio(system, kind):
         pairs = [mine / ref for mine, ref in zip(cell[system][kind], cell["softmax"][kind]) if ref > 0]
         return statistics.median(pairs) if pairs else None
 
     rows = []
-    ref_memory = statistics.median(cell["softmax"]["memory"])
+    ref_memory = median("softmax", "memory")
     for system in cell:
-        med = {k: statistics.median(cell[system][k]) for k in ("train", "decode", "memory")}
+        memory = median(system, "memory")
         rows.append({
             "config": config, "length": length, "system": system, "parameters": params[system],
-            "train_tokens_per_s": med["train"], "train_ratio": ratio(system, "train"),
-            "decode_sentences_per_s": med["decode"], "decode_ratio": ratio(system, "decode"),
-            "peak_memory_mb": med["memory"] / 2**20,
-            "memory_ratio": med["memory"] / ref_memory if ref_memory > 0 else None,
+            "train_tokens_per_s": median(system, "train"), "train_ratio": ratio(system, "train"),
+            "decode_sentences_per_s": median(system, "decode"), "decode_ratio": ratio(system, "decode"),
+            "peak_memory_mb": memory / 2**20,
+            "memory_ratio": memory / ref_memory if ref_memory > 0 else None,
         })
     return rows
 
 
 def markdown(results):
+    def show(value, digits):
+        return "–" if value is None else f"{value:.{digits}f}"
+
     lines = ["| config | length | system | train tok/s | train × softmax | decode sent/s | decode × softmax "
              "| peak MB | memory × softmax |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        mem = f"{r['memory_ratio']:.2f}" if r["memory_ratio"] is not None else "–"
-        lines.append(f"| {r['config']} | {r['length']} | {r['system']} | {r['train_tokens_per_s']:.0f} | "
-                     f"{r['train_ratio']:.2f} | {r['decode_sentences_per_s']:.2f} | {r['decode_ratio']:.2f} | "
-                     f"{r['peak_memory_mb']:.0f} | {mem} |")
+        lines.append(f"| {r['config']} | {r['length']} | {r['system']} | {show(r['train_tokens_per_s'], 0)} | "
+                     f"{show(r['train_ratio'], 2)} | {show(r['decode_sentences_per_s'], 2)} | "
+                     f"{show(r['decode_ratio'], 2)} | {r['peak_memory_mb']:.0f} | {show(r['memory_ratio'], 2)} |")
     return "\n".join(lines)
+
+
+def end_to_end(args):
+    """``--end-to-end TASK``: fairseq-train and fairseq-generate themselves on a prepared task (rela_fairseq.pipeline
+    .throughput), words/s and sentences/s read from their own logs, round after round; the ReLA systems also with
+    RELA_FAIRSEQ_KERNEL=eager (``--extra``). Decoding uses the task's trained checkpoints (scripts/compare.sh)."""
+    from rela_fairseq.files import read_json
+    from rela_fairseq.pipeline.config import load_task
+    from rela_fairseq.pipeline.throughput import measure
+
+    task = load_task(args.end_to_end)  # QUICK=1: the quick variant scripts/compare.sh trained
+    systems = ["softmax"] + [s for s in args.systems if s != "softmax"]
+    checkpoints = {}
+    for system in systems:
+        result = task.result_path(system)
+        if not os.path.exists(result):
+            raise SystemExit(f"--end-to-end {args.end_to_end}: {system} has no trained checkpoint ({result} is "
+                             f"missing); train it first: bash scripts/compare.sh {args.end_to_end}")
+        checkpoints[system] = os.path.join(task.checkpoint_dir(system), read_json(result)["checkpoint"])
+    variants = {}
+    for name in args.extra:
+        if name not in E2E_VARIANTS:
+            raise SystemExit(f"--end-to-end takes --extra {' '.join(E2E_VARIANTS)}, not {name!r}")
+        variants[name] = E2E_VARIANTS[name]
+    speed = measure(task, checkpoints, updates=args.e2e_updates, sentences=args.e2e_sentences, rounds=args.repeats,
+                    variants=variants, progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True))
+    lines = ["| system | fairseq-train words/s | train × softmax | fairseq-generate sentences/s | decode × softmax |",
+             "|---|---|---|---|---|"]
+    for name, row in speed["systems"].items():
+        lines.append(f"| {name} | {row['train_wps_median']:.0f} | {row['train_ratio']:.2f} | "
+                     f"{row['decode_sps_median']:.1f} | {row['decode_ratio']:.2f} |")
+    return "\n".join(lines), speed
 
 
 def environment(args):
     import fairseq
 
+    from rela_fairseq import kernels
+
+    kernel = "fused" if kernels._CpuExtension.load() is not None else f"eager ({kernels._CpuExtension.failure})"
     env = {"python": platform.python_version(), "torch": torch.__version__, "fairseq": fairseq.__version__,
-           "device": args.device, "threads": torch.get_num_threads(), "machine": platform.machine()}
+           "device": args.device, "threads": torch.get_num_threads(), "machine": platform.machine(),
+           "rela_kernel_auto": kernel if args.device == "cpu" else "eager (the kernels are CPU only)"}
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
@@ -301,7 +354,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: seconds")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="model sizes (default: small base)")
-    p.add_argument("--lengths", nargs="+", type=int, help="sequence lengths (default: 16 48)")
+    p.add_argument("--lengths", nargs="+", type=int, help="sequence lengths (default: 16 48 128 256 512)")
+    p.add_argument("--max-decode-length", type=int, help="decoding is timed up to this length (default 256)")
+    p.add_argument("--memory-lengths", nargs="*", type=int,
+                   help="lengths at which only peak training memory is measured (default: 1024)")
     p.add_argument("--repeats", type=int, help="interleaved rounds of one step (or decode) per system (default 5)")
     p.add_argument("--train-tokens", type=int, help="target tokens per training batch (default 2048)")
     p.add_argument("--decode-sentences", type=int, help="sentences per decoding batch (default 16)")
@@ -309,16 +365,26 @@ def parse_args(argv=None):
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS),
                    help="systems to measure (default: all; softmax, the reference, is always measured)")
     p.add_argument("--extra", nargs="*", default=[], choices=list(EXTRA_SYSTEMS),
-                   help="also measure these variants: softmax through the plugin, ReLA-g with --rela-fused-norm")
+                   help="also measure these variants: softmax through the plugin, ReLA-g or ReLA-i with --rela-kernel "
+                        "eager (rela_g and rela_i run auto: the fused kernels where they build)")
+    p.add_argument("--end-to-end", metavar="TASK",
+                   help="time fairseq-train and fairseq-generate themselves on this prepared task (configs/TASK.yaml, "
+                        "trained by scripts/compare.sh TASK), from their own logs, instead of the model in process")
+    p.add_argument("--e2e-updates", type=int, default=40, help="fairseq-train updates per measurement (end to end)")
+    p.add_argument("--e2e-sentences", type=int, default=500,
+                   help="test sentences per fairseq-generate measurement (end to end)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", help="write all measurements and ratios to this file")
     args = p.parse_args(argv)
-    quick = dict(configs=["tiny"], lengths=[8, 16], repeats=1, train_tokens=256, decode_sentences=4)
-    full = dict(configs=["small", "base"], lengths=[16, 48], repeats=5, train_tokens=2048, decode_sentences=16)
+    quick = dict(configs=["tiny"], lengths=[8, 16], repeats=1, train_tokens=256, decode_sentences=4,
+                 max_decode_length=16, memory_lengths=[32])
+    full = dict(configs=["small", "base"], lengths=[16, 48, 128, 256, 512], repeats=5, train_tokens=2048,
+                decode_sentences=16, max_decode_length=256, memory_lengths=[1024])
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    check_arguments(p, args, {"repeats": 1, "train_tokens": 1, "decode_sentences": 1, "lengths": 2})
+    check_arguments(p, args, {"repeats": 1, "train_tokens": 1, "decode_sentences": 1, "lengths": 2,
+                              "e2e_updates": 2, "e2e_sentences": 1})
     return args
 
 
@@ -340,17 +406,32 @@ def quiet_logging():
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
+def ignore_kernel_override():
+    """Each system names its kernel (rela_g: auto, rela_g_eager: eager); RELA_FAIRSEQ_KERNEL would mislabel them."""
+    from rela_fairseq import kernels
+
+    if os.environ.pop(kernels.ENV_VAR, None):
+        print(f"ignoring {kernels.ENV_VAR} (--extra rela_g_eager measures the eager path)", file=sys.stderr)
+
+
 def main(argv=None):
     args = parse_args(argv)
     quiet_logging()
+    ignore_kernel_override()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     started = time.time()
-    results, raw = run(args)
-    table = markdown(results)
+    if args.end_to_end:
+        table, speed = end_to_end(args)
+        reference = "fairseq-train/fairseq-generate with --attn-fn softmax (fairseq's own attention code)"
+        results, raw = speed["systems"], speed
+    else:
+        results, raw = run(args)
+        table = markdown(results)
+        reference = "fairseq's stock softmax Transformer"
     print(table)
     print(f"\n{environment(args)}; medians of {args.repeats} interleaved rounds; ratios: median over "
-          f"rounds of the ratio to fairseq's stock softmax Transformer in that round; {time.time() - started:.0f} s")
+          f"rounds of the ratio to {reference} in that round; {time.time() - started:.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"environment": environment(args), "settings": {k: v for k, v in vars(args).items()},

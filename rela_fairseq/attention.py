@@ -3,7 +3,9 @@
 Only the step from scores to output differs from fairseq, so that is all this class overrides: fairseq's own
 ``forward(..., before_softmax=True)`` does the projections, the scaling, the key/value cache of incremental decoding,
 the beam-reduced cross-attention and the causal mask, and hands back the scores and the values; the padding mask is
-applied here, in place, where no cache holds it. Parameter names stay
+applied here, in place, where no cache holds it. ReLA runs through the compiled kernels where ``--rela-kernel`` allows
+(``_fused_kernels``): the whole core from the projections on without a cache, the step from the scores on in
+incremental decoding. Parameter names stay
 fairseq's (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``); the attention function adds its own under ``attn_fn``.
 """
 
@@ -15,7 +17,8 @@ import torch
 from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
-from .attention_functions import AttentionFunction, Softmax
+from . import kernels
+from .attention_functions import AttentionFunction, Rela, Softmax
 from .rela import at_least_fp32
 
 
@@ -36,6 +39,9 @@ class RelaMultiheadAttention(MultiheadAttention):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    incremental_state=incremental_state, need_weights=need_weights,
                                    static_kv=static_kv, attn_mask=attn_mask, before_softmax=before_softmax)
+        ext = self._fused_kernels(query, key, incremental_state, before_softmax, need_weights, need_head_weights)
+        if ext is not None and incremental_state is None:
+            return self._fused_forward(ext, query, key, value, key_padding_mask, attn_mask), None
         scores, v = self._masked_scores_and_values(query, key, value, key_padding_mask, incremental_state,
                                                    static_kv, attn_mask)
         if before_softmax:
@@ -43,18 +49,23 @@ class RelaMultiheadAttention(MultiheadAttention):
 
         tgt_len, bsz, embed_dim = query.size()
         heads, src_len = self.num_heads, scores.size(-1)
-        weights = self.attn_fn(scores.view(bsz, heads, tgt_len, src_len))
-        probs = self.dropout_module(weights.to(scores.dtype)).view(bsz * heads, tgt_len, src_len)
-
-        kv_bsz = v.size(0) // heads
-        if self.encoder_decoder_attention and bsz != kv_bsz:
-            # beam search keeps one copy of the encoder keys/values per sentence, not per hypothesis
-            out = torch.einsum("bxhts,bhsd->bxhtd", probs.view(kv_bsz, -1, heads, tgt_len, src_len),
-                               v.view(kv_bsz, heads, src_len, self.head_dim))
-            out = out.reshape(bsz * heads, tgt_len, self.head_dim)
+        if ext is not None:  # a decoding step: ReLU and A V in one kernel, in place on the scores, which become A
+            scores = scores.contiguous()
+            out = ext.attention_step(scores, v, heads, self.attn_fn.activation == "relu2")
+            weights = scores.view(bsz, heads, tgt_len, src_len)
         else:
-            out = torch.bmm(probs, v)
-        out = out.transpose(0, 1).reshape(tgt_len, bsz, embed_dim)  # heads concatenated
+            weights = self.attn_fn(scores.view(bsz, heads, tgt_len, src_len))
+            probs = self.dropout_module(weights.to(scores.dtype)).view(bsz * heads, tgt_len, src_len)
+            kv_bsz = v.size(0) // heads
+            if self.encoder_decoder_attention and bsz != kv_bsz:
+                # beam search keeps one copy of the encoder keys/values per sentence, not per hypothesis
+                out = torch.einsum("bxhts,bhsd->bxhtd", probs.view(kv_bsz, -1, heads, tgt_len, src_len),
+                                   v.view(kv_bsz, heads, src_len, self.head_dim))
+                out = out.reshape(bsz * heads, tgt_len, self.head_dim)
+            else:
+                out = torch.bmm(probs, v)
+            out = out.transpose(0, 1)
+        out = out.reshape(tgt_len, bsz, embed_dim)  # heads concatenated
         out = self.out_proj(self.attn_fn.combine(out))
 
         if not (need_weights or need_head_weights or self.store_attn):
@@ -65,6 +76,43 @@ class RelaMultiheadAttention(MultiheadAttention):
         if need_head_weights:
             return out, weights.transpose(0, 1)  # [H, B, T, S], as fairseq
         return out, (weights.mean(dim=1) if need_weights else None)
+
+    def _fused_kernels(self, query: Tensor, key: Optional[Tensor], incremental_state: Optional[dict],
+                       before_softmax: bool, need_weights: bool, need_head_weights: bool):
+        """The compiled ReLA kernels (``kernels``) if this call can use them, else None (the eager path).
+
+        Two fused routes: without a key/value cache, the whole core from projected q, k, v (training, the encoder,
+        validation); in incremental decoding, the step from fairseq's scores (no gradients there). Attention weights
+        asked for (analysis, fairseq's alignment layer) take the eager route, whose weights can carry gradients."""
+        if not isinstance(self.attn_fn, Rela) or before_softmax or self.store_attn:
+            return None
+        if incremental_state is None:
+            if need_weights or need_head_weights or self.bias_k is not None or self.add_zero_attn:
+                return None
+            if not self.self_attention and (key is None or key.size(1) != query.size(1)):
+                return None
+        elif torch.is_grad_enabled():
+            return None
+        return kernels.extension_for(query, self.attn_fn.kernel)
+
+    def _fused_forward(self, ext, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
+                       key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor]) -> Tensor:
+        """Steps 1-8 with steps 2-6 in one kernel (``kernels.fused_attention``): the projections stay fairseq's
+        modules, in fairseq's time-major layout, and the T x S scores are never stored."""
+        tgt_len, bsz, embed_dim = query.size()
+        if self.self_attention:
+            key = value = query
+        elif self.encoder_decoder_attention:
+            value = key  # as fairseq: the encoder output is both
+        heads, head_dim = self.num_heads, self.head_dim
+        q, k, v = (proj(x).view(x.size(0), bsz * heads, head_dim).transpose(0, 1)
+                   for proj, x in ((self.q_proj, query), (self.k_proj, key), (self.v_proj, value)))
+        dropout = self.dropout_module
+        p = dropout.p if (self.training or dropout.apply_during_inference) else 0.0
+        out = kernels.fused_attention(ext, q, k, v, heads=heads, scale=self.scaling, padding=key_padding_mask,
+                                      attn_mask=attn_mask, squared=self.attn_fn.activation == "relu2", dropout=p)
+        out = out.transpose(0, 1).reshape(tgt_len, bsz, embed_dim)  # a view: the kernel writes time-major
+        return self.out_proj(self.attn_fn.combine(out))
 
     def _masked_scores_and_values(self, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
                                   key_padding_mask: Optional[Tensor], incremental_state: Optional[dict],

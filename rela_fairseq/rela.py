@@ -16,6 +16,8 @@ The steps of docs/method.md, for one attention module of width d with H heads of
 ``rela_attention`` is the plain reference of those eight lines (used by the tests); the model runs the same math
 through ``rectify`` (steps 3-4) and ``RelaNorm`` (step 7, ``rela_norm_reference``) inside fairseq's
 ``MultiheadAttention``, which already does steps 1, 2, 5, 6 and 8 and the key/value caching for incremental decoding.
+Where ``--rela-kernel`` allows (``kernels``), steps 2-6 and step 7 run as compiled kernels instead, tested against
+these functions.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import RelaConfigError, RelaFairseqError
+from . import kernels
+from .errors import RelaConfigError
 
 EPS = 1e-8  # inside the square root, as in the official code
 # the choices of each switch (settings.AttentionSettings offers them as options, with their defaults and help)
@@ -59,7 +62,7 @@ class RelaNorm(nn.Module):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, norm: str, scope: str, gate: bool, gain_init: str,
-                 fused: bool = False):
+                 kernel: str = "auto"):
         super().__init__()
         for name, value, choices in (
             ("norm", norm, NORMS),
@@ -69,7 +72,7 @@ class RelaNorm(nn.Module):
             if value not in choices:
                 raise RelaConfigError(f"unknown ReLA {name} {value!r}; choose one of {', '.join(choices)}")
         self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.norm, self.scope, self.gain_init, self.fused = norm, scope, gain_init, fused
+        self.norm, self.scope, self.gain_init, self.kernel = norm, scope, gain_init, kernel
         self.width = embed_dim if scope == "all" else embed_dim // num_heads
         self.weight = nn.Parameter(torch.ones(embed_dim)) if norm != "none" else None
         self.bias = nn.Parameter(torch.zeros(embed_dim)) if norm == "layer" else None
@@ -95,13 +98,16 @@ class RelaNorm(nn.Module):
                 self.gate_weight.uniform_(-bound, bound, generator=generator)
 
     def forward(self, heads: Tensor) -> Tensor:
-        """``heads``: [..., d], the concatenated head outputs O. Computed in fp32, returned in the input dtype."""
-        norm = fused_rela_norm if self.fused else rela_norm
-        return norm(heads, self.weight, self.bias, self.gate_weight, self.norm, self.width)
+        """``heads``: [..., d], the concatenated head outputs O. Computed in fp32, returned in the input dtype; RMSNorm
+        through the fused kernel where ``--rela-kernel`` and the input allow (``kernels``)."""
+        ext = kernels.extension_for(heads, self.kernel) if self.norm == "rms" else None
+        if ext is not None and kernels.norm_supported(ext, self.width, self.embed_dim):
+            return kernels.fused_gated_rms_norm(ext, heads, self.weight, self.gate_weight, self.width, EPS)
+        return rela_norm(heads, self.weight, self.bias, self.gate_weight, self.norm, self.width)
 
     def extra_repr(self) -> str:
         gate = "gated" if self.gate_weight is not None else "no gate"
-        return f"{self.embed_dim}, norm={self.norm}, scope={self.scope}, {gate}" + (", fused" if self.fused else "")
+        return f"{self.embed_dim}, norm={self.norm}, scope={self.scope}, {gate}"  # the kernel is no model property
 
 
 def rela_norm_reference(heads: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], gate_weight: Optional[Tensor],
@@ -197,28 +203,6 @@ class GatedRMSNorm(torch.autograd.Function):
         if dz_gate is not None:
             dz.add_(dz_gate)
         return dz.to(heads.dtype), grad_weight, grad_gate, None
-
-
-_compiled_rela_norm = None
-
-
-def fused_rela_norm(*args) -> Tensor:
-    """``rela_norm_reference`` compiled into fused kernels by torch.compile (C++/OpenMP on CPU, Triton on GPU),
-    forward and backward, for training. Compiled on first use (seconds; cached on disk by torch), once for all
-    shapes. Without gradients (decoding steps, too small to gain) the eager ``rela_norm`` runs instead."""
-    global _compiled_rela_norm
-    if not torch.is_grad_enabled():
-        return rela_norm(*args)
-    if _compiled_rela_norm is None:
-        _compiled_rela_norm = torch.compile(rela_norm_reference, dynamic=True)
-    try:
-        return _compiled_rela_norm(*args)
-    except Exception as exc:  # torch's compiler errors have no common base class
-        if "Compile" not in type(exc).__name__ and "Inductor" not in type(exc).__name__:
-            raise
-        raise RelaFairseqError(f"--rela-fused-norm: torch.compile failed ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else ''}); it needs a C++ compiler on CPU or "
-                               "Triton on GPU. Drop the flag to use the eager implementation.") from exc
 
 
 def at_least_fp32(x: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from fairseq.utils import safe_getattr
 
 from .attention_functions import ATTENTION_FUNCTIONS
 from .errors import RelaConfigError
+from .kernels import KERNELS
 from .rela import ACTIVATIONS, GAIN_INITS, NORM_SCOPES, NORMS, VARIANTS
 
 
@@ -59,9 +60,11 @@ class AttentionSettings(FairseqDataclass):
         default=None, metadata={"help": "norm gain init (default: ones for gated, xavier for init)"})
     rela_activation: ChoiceEnum(ACTIVATIONS) = field(
         default="relu", metadata={"help": "relu, or squared relu"})
-    rela_fused_norm: bool = field(
-        default=False, metadata={"help": "run the ReLA norm and gate as fused kernels compiled by torch.compile "
-                                         "(C++ on CPU, Triton on GPU); same results, compiled on first use"})
+    rela_kernel: ChoiceEnum(KERNELS) = field(
+        default="auto", metadata={"help": "ReLA's attention core, norm and gate: fused (compiled kernels, C++ on CPU, "
+                                          "compiled on first use), eager (PyTorch operators), or auto (fused where "
+                                          "available, else eager with a one-line message); same results. The "
+                                          "environment variable RELA_FAIRSEQ_KERNEL overrides it"})
     entmax_alpha_init: float = field(
         default=1.5, metadata={"help": "initial alpha of entmax_alpha, in (1, 2)"})
     entmax_bisect_iters: int = field(default=25, metadata={"help": "bisection iterations of entmax_alpha"})

@@ -45,7 +45,7 @@ setup_env() {
   fi
   # torch first and pinned: an unpinned torch pulled in by fairseq would be a multi-GB CUDA build on 3.11
   "${pip[@]}" "torch==$TORCH_VERSION" >&2 || die "cannot install torch==$TORCH_VERSION in $venv"
-  "${pip[@]}" -e "$REPO_ROOT[test]" >&2 || die "cannot install rela-fairseq and its dependencies in $venv"
+  "${pip[@]}" -e "$REPO_ROOT[test,kernels]" >&2 || die "cannot install rela-fairseq and its dependencies in $venv"
   echo "$want" > "$stamp"
   log "ready: $venv ($("$venv/bin/python" -c 'import fairseq, torch; print("fairseq", fairseq.__version__, "torch", torch.__version__)' 2>/dev/null))"
   echo "$venv"

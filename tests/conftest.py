@@ -13,6 +13,22 @@ from rela_fairseq.systems import SYSTEMS
 TINY_SIZES = {"train": 500, "valid": 48, "test": 37}  # 37: not a multiple of fairseq's batch multiple of 8
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fused_kernels():
+    """Build the fused ReLA kernels once, first (about a minute the first time on a machine), so that no test's
+    command waits for the compiler. Under RELA_FAIRSEQ_KERNEL=fused (scripts/test.sh, Python 3.11) they must build:
+    every ReLA model of the suite then runs through them."""
+    from rela_fairseq import kernels
+
+    if kernels.selected("auto") == "eager":
+        return None
+    module = kernels._CpuExtension.load()
+    if os.environ.get(kernels.ENV_VAR) == "fused":
+        failure = kernels._CpuExtension.failure
+        assert module is not None, f"RELA_FAIRSEQ_KERNEL=fused, but the kernels did not build: {failure}"
+    return module
+
+
 @pytest.fixture(scope="session")
 def toy_raw(tmp_path_factory):
     from rela_fairseq.toy import write_task

@@ -294,26 +294,3 @@ def test_memory_saving_rms_norm_equals_the_reference_formula(gate, scope_width):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         GatedRMSNorm.apply(heads, weight, gate_weight, scope_width)
     assert sum(saved) <= heads.numel() + 2 * EMBED + heads.numel() // scope_width
-
-
-def test_fused_norm_compiled_by_torch_matches_the_eager_one():
-    """--rela-fused-norm: torch.compile's fused kernels give the reference values and gradients (C++ on CPU)."""
-    from rela_fairseq.rela import fused_rela_norm, rela_norm_reference
-
-    torch.manual_seed(1)
-    for shape in ((7, 2, EMBED), (3, 5, EMBED)):  # two shapes: compiled once, for all shapes
-        heads = torch.randn(*shape, requires_grad=True)
-        weight, gate_weight = torch.randn(EMBED, requires_grad=True), torch.randn(EMBED, requires_grad=True)
-        fused = fused_rela_norm(heads, weight, None, gate_weight, "rms", EMBED)
-        ref = rela_norm_reference(heads, weight, None, gate_weight, "rms", EMBED)
-        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
-        g_fused = torch.autograd.grad(fused.square().sum(), (heads, weight, gate_weight))
-        g_ref = torch.autograd.grad(ref.square().sum(), (heads, weight, gate_weight))
-        for a, b in zip(g_fused, g_ref):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    module = make_attention("rela", rela_fused_norm=True)
-    assert module.attn_fn.norm.fused
-    x = torch.randn(4, 2, EMBED)
-    eager = make_attention("rela")
-    module.train(), eager.train()  # fused kernels are used where gradients are
-    torch.testing.assert_close(self_attend(module, x)[0], self_attend(eager, x)[0], rtol=1e-5, atol=1e-5)

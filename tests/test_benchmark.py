@@ -13,19 +13,25 @@ SYSTEMS = {"softmax", "sparsemax", "entmax15", "entmax_alpha", "rela_g", "rela_i
 def test_quick_benchmark_json(tmp_path):
     out = tmp_path / "speed.json"
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "speed.py"), "--quick", "--json", out,
-                           "--extra", "softmax_plugin"], capture_output=True, text=True, timeout=600)
+                           "--extra", "softmax_plugin", "rela_g_eager"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| config | length | system | train tok/s | train × softmax |" in proc.stdout
     data = json.loads(out.read_text())
     assert data["environment"]["torch"] and data["settings"]["quick"] is True
+    assert data["environment"]["rela_kernel_auto"] == "fused"  # rela_g ran the kernels, rela_g_eager the operators
     rows = data["results"]
-    assert {r["system"] for r in rows} == SYSTEMS | {"softmax_plugin"}
-    assert {r["length"] for r in rows} == {8, 16}
+    assert {r["system"] for r in rows} == SYSTEMS | {"softmax_plugin", "rela_g_eager"}
+    assert {r["length"] for r in rows} == {8, 16, 32}  # 32: peak memory only (--memory-lengths)
     for r in rows:
-        assert r["train_tokens_per_s"] > 0 and r["decode_sentences_per_s"] > 0 and r["peak_memory_mb"] >= 0
+        assert r["peak_memory_mb"] >= 0 and r["memory_ratio"] is not None
+        if r["length"] == 32:
+            assert r["train_tokens_per_s"] is None and r["decode_ratio"] is None
+            continue
+        assert r["train_tokens_per_s"] > 0 and r["decode_sentences_per_s"] > 0
         if r["system"] == "softmax":
             assert r["train_ratio"] == 1.0 and r["decode_ratio"] == 1.0
-    assert set(data["raw"]) == {"tiny/L8", "tiny/L16"}
+    assert "| tiny | 32 | rela_g | – | – | – | – |" in proc.stdout
+    assert set(data["raw"]) == {"tiny/L8", "tiny/L16", "tiny/L32"}
 
 
 def test_benchmark_rejects_bad_arguments():
@@ -45,8 +51,9 @@ def test_step_profile_separates_relas_own_operators(tmp_path):
     data = json.loads(out.read_text())
     assert set(data["seconds_per_step"]) == {"softmax", "rela_g"}
     ops = {row["op"]: row for row in data["ops"]}
-    # the gated norm runs only in ReLA-g, the attention softmax only in the stock model
-    assert ops["GatedRMSNorm"]["softmax_ms"] == 0 and ops["GatedRMSNorm"]["system_ms"] > 0
+    # ReLA-g's fused attention core and gated norm run only in ReLA-g, the attention softmax only in the stock model
+    for op in ("FusedAttention", "FusedAttentionBackward", "FusedGatedRMSNorm", "FusedGatedRMSNormBackward"):
+        assert ops[op]["softmax_ms"] == 0 and ops[op]["system_ms"] > 0, op
     assert ops["aten::_softmax"]["system_ms"] == 0 and ops["aten::_softmax"]["softmax_ms"] > 0
     assert ops["aten::addmm"]["softmax_ms"] > 0 and ops["aten::addmm"]["system_ms"] > 0
 

@@ -4,6 +4,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -105,3 +107,24 @@ def test_compare_still_rejects_an_unknown_option(capsys):
     with pytest.raises(SystemExit):
         parse_args(["compare", "multi30k_de_en", "--beam", "2", "softmax"])
     assert "unrecognized arguments: --beam 2 softmax" in capsys.readouterr().err
+
+
+def test_speed_end_to_end_times_fairseq_itself_on_the_trained_task(compared):
+    """benchmarks/speed.py --end-to-end: fairseq-train's words/s and fairseq-generate's sentences/s from their own
+    logs, ReLA-g also with RELA_FAIRSEQ_KERNEL=eager; a system without a trained checkpoint is a clear error."""
+    root, env, _ = compared
+    speed = [sys.executable, os.path.join(REPO, "benchmarks", "speed.py"), "--end-to-end", "multi30k_de_en"]
+    out = root / "e2e.json"
+    proc = subprocess.run([*speed, "--systems", "rela_g", "--extra", "rela_g_eager", "--repeats", "1",
+                           "--e2e-updates", "4", "--e2e-sentences", "20", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| system | fairseq-train words/s | train × softmax | fairseq-generate sentences/s |" in proc.stdout
+    measured = json.loads(out.read_text())["results"]
+    assert set(measured) == {"softmax", "rela_g", "rela_g_eager"}
+    for name, row in measured.items():
+        assert row["train_wps_median"] > 0 and row["decode_sps_median"] > 0, name
+    assert measured["softmax"]["train_ratio"] == 1.0
+    missing = subprocess.run([*speed, "--systems", "rela_i"], env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "rela_i has no trained checkpoint" in missing.stderr
+    assert "scripts/compare.sh multi30k_de_en" in missing.stderr and "Traceback" not in missing.stderr

@@ -11,6 +11,7 @@ then ``max_tokens`` is lowered to ``floor(T / (update_freq × devices))`` (on 1 
 from __future__ import annotations
 
 import math
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -174,10 +175,10 @@ def training_seconds(log: str) -> float | None:
     return float(found[-1]) if found else None
 
 
-def run_fairseq(cmd: list[str], tool: str) -> subprocess.CompletedProcess:
-    """Run a fairseq command line (``generate_command``, ``train_command``) to the end, its output captured; a
-    failure is an error naming ``tool`` and ending with its stderr."""
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def run_fairseq(cmd: list[str], tool: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a fairseq command line (``generate_command``, ``train_command``) to the end, its output captured, with
+    ``env`` added to the environment; a failure is an error naming ``tool`` and ending with its stderr."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env} if env else None)
     if proc.returncode != 0:
         raise RelaFairseqError(f"{tool} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc

@@ -24,13 +24,14 @@ from .runtime import hardware
 logger = logging.getLogger(__name__)
 
 
-def train_words_per_second(task: Task, system: str, updates: int) -> float:
-    """Target words per second of ``fairseq-train`` over the last half of ``updates`` updates."""
+def train_words_per_second(task: Task, system: str, updates: int, env: dict[str, str] | None = None) -> float:
+    """Target words per second of ``fairseq-train`` over the last half of ``updates`` updates (``env`` added to its
+    environment)."""
     with tempfile.TemporaryDirectory() as save_dir:
         args, _ = train_command(task, system, ["--max-update", str(updates), "--log-interval",
                                                str(max(1, updates // 2)), "--no-save", "--disable-validation",
                                                "--save-dir", save_dir, "--no-progress-bar"], hardware())
-        proc = run_fairseq([*fairseq_command("fairseq-train"), *args], "fairseq-train")
+        proc = run_fairseq([*fairseq_command("fairseq-train"), *args], "fairseq-train", env)
         out = proc.stdout + proc.stderr
     rates = train_inner_wps(out)
     if not rates:
@@ -38,14 +39,15 @@ def train_words_per_second(task: Task, system: str, updates: int) -> float:
     return rates[-1]
 
 
-def generate_sentences_per_second(task: Task, checkpoint: str, sentences: int) -> float:
+def generate_sentences_per_second(task: Task, checkpoint: str, sentences: int,
+                                  env: dict[str, str] | None = None) -> float:
     """Sentences per second of ``fairseq-generate`` on about ``sentences`` test sentences (the first of
     ceil(test size / sentences) shards, 50 sentences a batch), with the task's beam, length penalty and limits."""
     shards = max(1, -(-_test_size(task) // sentences))
     settings = task["evaluate"]
     cmd = generate_command(task, checkpoint, hardware(), settings["beam"], settings["lenpen"], "--batch-size", "50",
                            "--num-shards", str(shards), "--shard-id", "0", *length_limits(settings))
-    proc = run_fairseq(cmd, "fairseq-generate")
+    proc = run_fairseq(cmd, "fairseq-generate", env)
     speed = generation_speed(proc.stdout + proc.stderr)
     if speed is None:
         raise RelaFairseqError(f"fairseq-generate reported no speed for {checkpoint}")
@@ -58,21 +60,29 @@ def _test_size(task: Task) -> int:
 
 
 def measure(task: Task, checkpoints: dict[str, str], updates: int, sentences: int, rounds: int,
-            reference: str = "softmax", progress=None) -> dict:
+            reference: str = "softmax", progress=None, variants: dict[str, tuple[str, dict]] | None = None) -> dict:
     """{system: {train_wps: [...], decode_sps: [...], train_ratio, decode_ratio}} over ``rounds`` rounds; ratios to
-    ``reference`` (which must be among ``checkpoints``: system -> a trained checkpoint to decode with)."""
+    ``reference`` (which must be among ``checkpoints``: system -> a trained checkpoint to decode with). ``variants``
+    adds measured entries {name: (system, environment)}: a system run with other environment variables
+    (``RELA_FAIRSEQ_KERNEL=eager``)."""
     if reference not in checkpoints:
         raise RelaFairseqError(f"speed ratios need the reference system {reference!r} among the systems measured")
-    systems = list(checkpoints)
-    raw = {s: {"train_wps": [], "decode_sps": []} for s in systems}
+    entries = {s: (s, {}) for s in checkpoints}
+    for name, (system, env) in (variants or {}).items():
+        if system not in checkpoints:
+            raise RelaFairseqError(f"speed variant {name!r} runs {system!r}, which is not among the systems measured")
+        entries[name] = (system, env)
+    names = list(entries)
+    raw = {name: {"train_wps": [], "decode_sps": []} for name in names}
     for r in range(rounds):
-        order = systems[r % len(systems):] + systems[:r % len(systems)]
-        for system in order:
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            system, env = entries[name]
             if progress:
-                progress(f"speed round {r + 1}/{rounds}: {system}")
-            raw[system]["train_wps"].append(train_words_per_second(task, system, updates))
-            raw[system]["decode_sps"].append(generate_sentences_per_second(task, checkpoints[system], sentences))
-    for system in systems:
+                progress(f"speed round {r + 1}/{rounds}: {name}")
+            raw[name]["train_wps"].append(train_words_per_second(task, system, updates, env))
+            raw[name]["decode_sps"].append(generate_sentences_per_second(task, checkpoints[system], sentences, env))
+    for system in names:
         for key, ratio in (("train_wps", "train_ratio"), ("decode_sps", "decode_ratio")):
             ratios = [a / b for a, b in zip(raw[system][key], raw[reference][key])]
             raw[system][ratio] = round(statistics.median(ratios), 3)

@@ -1,0 +1,204 @@
+"""Fused ReLA kernels (``--rela-kernel``): the attention core from projected q, k, v to the head outputs, the attention
+step of incremental decoding, and the gated RMSNorm, each one kernel per direction.
+
+* CPU (float32): ``rela_cpu.cpp``, a C++ extension (ATen, OpenMP through ``at::parallel_for``) compiled by PyTorch's
+  extension tooling on first use (about a minute) and cached (``TORCH_EXTENSIONS_DIR``, by default
+  ``~/.cache/torch_extensions``); nothing is built at install time. It needs a C++ compiler and ninja
+  (``pip install ninja``, or ``rela-fairseq[kernels]``).
+* GPU (float32, fp16, bf16): ``rela_triton.py``, the same functions in Triton (which CUDA builds of PyTorch bring).
+* ``--rela-kernel auto`` (the default) uses the kernels where they can be loaded; where they cannot (no compiler, no
+  ninja, no Triton) it says why once, in one line, and runs the eager implementation (``rela.py``). ``fused`` makes
+  that an error. Both run tensors the kernels do not take (float64, fp16 on a CPU) eagerly. ``eager`` never uses them.
+* ``RELA_FAIRSEQ_KERNEL=eager|fused|auto`` in the environment overrides the option, checkpoints' included (a model
+  trained with ``fused`` and decoded where no compiler exists; the test suite runs under each).
+
+The eager path stays the reference: ``tests/test_kernels.py`` checks both kernels against it (outputs, gradients,
+masks, incremental decoding, dropout statistics), the Triton ones in Triton's interpreter where there is no GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..errors import RelaConfigError, RelaFairseqError
+
+logger = logging.getLogger(__name__)
+KERNELS = ("auto", "fused", "eager")
+ENV_VAR = "RELA_FAIRSEQ_KERNEL"
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rela_cpu.cpp")
+
+
+class KernelUnavailable(RelaFairseqError):
+    pass
+
+
+class _Backend:
+    """One device's kernels, loaded on first use; or why they are unavailable (said once, in one line)."""
+
+    module = None
+    failure: Optional[str] = None
+    dtypes: tuple = ()
+
+    @classmethod
+    def load(cls):
+        if cls.module is None and cls.failure is None:
+            try:
+                cls.module = cls._load()
+            except Exception as exc:  # the extension tooling raises many kinds (RuntimeError, OSError, ...)
+                text = str(exc).strip()
+                cls.failure = text.splitlines()[0] if text else type(exc).__name__
+                logger.warning(f"rela_fairseq: the fused ReLA kernels are unavailable ({cls.failure}); "
+                               "running the eager implementation")
+        return cls.module
+
+
+class _CpuExtension(_Backend):
+    """``rela_cpu.cpp``, compiled on first use (or loaded from torch's extension cache)."""
+
+    dtypes = (torch.float32,)
+
+    @staticmethod
+    def _load():
+        return _build()
+
+
+class _TritonKernels(_Backend):
+    """``rela_triton.py`` on CUDA devices (Triton compiles each kernel on first use and caches it)."""
+
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+
+    @staticmethod
+    def _load():
+        try:
+            from .rela_triton import TritonKernels
+        except ImportError as exc:
+            raise KernelUnavailable(f"Triton is not installed ({exc})") from exc
+        return TritonKernels()
+
+
+BACKENDS = {"cpu": _CpuExtension, "cuda": _TritonKernels}
+
+
+def _build():
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise KernelUnavailable(f"no C++ compiler: {compiler!r} is not on PATH")
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:
+        try:  # pip's ninja (rela-fairseq[kernels]) in an environment that is not activated: its bin is not on PATH
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+    if not cpp_extension.is_ninja_available():
+        raise KernelUnavailable("ninja is not installed: pip install ninja (or rela-fairseq[kernels])")
+    flags = ["-O3", "-fopenmp", "-fno-trapping-math"]  # the last lets the compiler vectorise exp_approx
+    name = "rela_fairseq_cpu"
+    # the row loops (ReLU, dropout, norm, gate) are vectorised by the compiler: AVX2 where this CPU has it (a build
+    # of its own, so that machines sharing a home directory never load each other's)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+        name += "_avx2"
+    logger.info("rela_fairseq: loading the fused ReLA CPU kernels (compiled on first use, about a minute, then "
+                "cached; --rela-kernel eager skips them)")
+    return cpp_extension.load(name=name, sources=[SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                              verbose=False)
+
+
+def selected(kernel: str) -> str:
+    """The kernel choice in force: ``RELA_FAIRSEQ_KERNEL`` if set, else the option's."""
+    choice = os.environ.get(ENV_VAR) or kernel
+    if choice not in KERNELS:
+        source = f"{ENV_VAR}={choice}" if os.environ.get(ENV_VAR) else f"--rela-kernel {choice}"
+        raise RelaConfigError(f"unknown kernel {source!r}; choose one of {', '.join(KERNELS)}")
+    return choice
+
+
+def extension_for(x: Tensor, kernel: str):
+    """The fused kernels to run on ``x`` under ``--rela-kernel kernel``, or None for the eager path.
+
+    ``auto`` and ``fused`` both run tensors the kernels do not take (float64 anywhere, fp16 and bf16 on a CPU) eagerly;
+    ``fused`` differs in refusing to run when this device's kernels cannot be loaded."""
+    choice = selected(kernel)
+    if choice == "eager":
+        return None
+    backend = BACKENDS.get(x.device.type)
+    if backend is None or x.dtype not in backend.dtypes:
+        return None
+    ext = backend.load()
+    if ext is None and choice == "fused":
+        raise KernelUnavailable(f"--rela-kernel fused: the fused ReLA kernels are unavailable ({backend.failure}); "
+                                f"use --rela-kernel auto or eager (or set {ENV_VAR}=eager)")
+    return ext
+
+
+def norm_supported(ext, width: int, embed_dim: int) -> bool:
+    """Whether ``ext`` fuses an RMSNorm over rows of ``width`` (the CPU kernel: any; Triton: the full width)."""
+    return width == embed_dim or "head" in getattr(ext, "norm_scopes", ("all", "head"))
+
+
+class FusedAttention(torch.autograd.Function):
+    """O = dropout(act(scale · Q Kᵀ + masks)) V per (batch × head) block, without storing the scores."""
+
+    @staticmethod
+    def forward(ctx, ext, q: Tensor, k: Tensor, v: Tensor, padding: Optional[Tensor], additive: Optional[Tensor],
+                heads: int, scale: float, squared: bool, p: float, seed: int) -> Tensor:
+        ctx.save_for_backward(q, k, v)
+        ctx.ext, ctx.masks, ctx.args = ext, (padding, additive), (heads, scale, squared, p, seed)
+        return ext.attention_forward(q, k, v, padding, additive, heads, scale, squared, p, seed)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = ctx.ext.attention_backward(grad_out, q, k, v, *ctx.masks, *ctx.args)
+        return None, dq, dk, dv, None, None, None, None, None, None, None
+
+
+def fused_attention(ext, q: Tensor, k: Tensor, v: Tensor, *, heads: int, scale: float, padding: Optional[Tensor] = None,
+                    attn_mask: Optional[Tensor] = None, squared: bool = False, dropout: float = 0.0) -> Tensor:
+    """Steps 2-6 of docs/method.md. q [B·H, T, d_h] (unscaled), k, v [B·H, S, d_h], any layout whose last dimension is
+    contiguous (fairseq's time-major views need no copy); padding [B, S] (True = pad); attn_mask [T, S], added to the
+    scores (fairseq's causal mask, 0 / -inf) or bool (True = masked). Returns O [B·H, T, d_h] as a view of a
+    [T, B·H, d_h] tensor. With ``dropout`` > 0 the seed comes from torch's generator: ``torch.manual_seed``
+    reproduces a run."""
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0 else 0
+    if padding is not None:
+        padding = padding.to(torch.bool).contiguous()
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape).masked_fill_(attn_mask, float("-inf"))
+        attn_mask = attn_mask.to(torch.float32).contiguous()
+    return FusedAttention.apply(ext, q, k, v, padding, attn_mask, heads, float(scale), squared, float(dropout), seed)
+
+
+class FusedGatedRMSNorm(torch.autograd.Function):
+    """y = g ⊙ z / sqrt(mean(z²) + ε) [⊙ σ(w ⊙ z)] over rows of ``width``: one pass each way."""
+
+    @staticmethod
+    def forward(ctx, ext, z: Tensor, gain: Tensor, gate: Optional[Tensor], width: int, eps: float) -> Tensor:
+        y, rstd = ext.norm_forward(z, gain, gate, width, eps)
+        ctx.save_for_backward(z, gain, gate, rstd)
+        ctx.ext, ctx.width = ext, width
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, gain, gate, rstd = ctx.saved_tensors
+        dz, dgain, dgate = ctx.ext.norm_backward(grad, z, gain, gate, rstd, ctx.width)
+        return None, dz, dgain, (dgate if gate is not None else None), None, None
+
+
+def fused_gated_rms_norm(ext, z: Tensor, gain: Tensor, gate: Optional[Tensor], width: int, eps: float) -> Tensor:
+    """Step 7 (RMSNorm, ReLA-g's gate if ``gate`` is given) in one kernel per direction; without gradients (decoding)
+    the forward kernel alone, no autograd bookkeeping."""
+    if torch.is_grad_enabled():
+        return FusedGatedRMSNorm.apply(ext, z, gain, gate, width, eps)
+    return ext.norm_forward(z, gain, gate, width, eps)[0]

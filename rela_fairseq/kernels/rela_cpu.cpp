@@ -1,0 +1,372 @@
+// Fused ReLA kernels for the CPU (float32): the attention core and the gated RMSNorm, forward and backward, and the
+// attention step of incremental decoding. docs/method.md numbers the steps; this file does steps 2-6 and 7.
+//
+// Attention core, one (batch x head) block per task of at::parallel_for (OpenMP), in fairseq's time-major layout
+// (q [T, B*H, d_h], k and v [S, B*H, d_h] as views [B*H, len, d_h]: no transposed copies in either direction):
+//   S = scale * Q K^T            step 2                                       (a small GEMM, MKL or oneDNN)
+//   A = act(S + mask)            steps 3-4: masked keys -> 0; act = ReLU or squared ReLU
+//   A~ = dropout(A)              step 5: keep with probability 1 - p, scaled by 1 / (1 - p), decided by a hash of
+//                                (seed, position), so that the backward pass regenerates the same decisions
+//   O = A~ V                     step 6 (a small GEMM), written straight into the [T, B*H, d_h] output
+// Only Q, K, V and the seed are kept for the backward pass, which recomputes S and A block by block: the T x S score
+// matrix of the whole batch is never stored, in either direction (as fused softmax attention does).
+//
+// Gated RMSNorm, step 7, per row of `width` numbers (the full width d, or d_h for a per-head norm):
+//   y = g * z * rstd [* sigmoid(w * z)],  rstd = 1 / sqrt(mean(z^2) + eps)
+// one pass forward (keeping rstd per row), one pass backward, vectorised by the compiler (exp_approx below).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// splitmix64, a counter-based hash with good statistics; its 24 high bits -> a uniform float in [0, 1)
+inline float uniform(uint64_t seed, uint64_t counter) {
+  uint64_t z = seed + (counter + 1) * 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  z = z ^ (z >> 31);
+  return static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
+}
+
+// exp(x) for x in [-87, 87] (clamped), relative error below 2e-7: Cephes' expf, branch-free so that the compiler
+// vectorises the loops that call it (std::exp is a library call it cannot vectorise without -ffast-math).
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+struct Masks {
+  const bool* padding = nullptr;    // [kv_batch, S], true = padded key
+  const float* additive = nullptr;  // [T, S], added to the scores (fairseq's causal mask: 0 / -inf)
+};
+
+struct Activation {
+  bool squared;
+  double p;  // dropout probability, 0 = none
+  uint64_t seed;
+};
+
+// One row of scores, steps 3-5: x = scale * s + add (0 where padded), written back to raw (if given, for the
+// backward pass); the activated, dropped-out weights to out (which may be s itself). Two loops: the first one
+// vectorises, the dropout hash does not.
+inline void activate_row(const float* s, float* raw, float* out, int64_t n, float scale, const bool* pad_row,
+                         const float* add_row, const Activation& act, uint64_t counter0) {
+  for (int64_t j = 0; j < n; ++j) {
+    float x = s[j] * scale;
+    if (add_row) x += add_row[j];
+    if (pad_row && pad_row[j]) x = 0.0f;
+    if (raw) raw[j] = x;
+    const float a = std::max(x, 0.0f);  // -inf (causal mask) -> 0
+    out[j] = act.squared ? a * a : a;
+  }
+  if (act.p > 0) {
+    const float keep_scale = static_cast<float>(1.0 / (1.0 - act.p));
+    const float threshold = static_cast<float>(act.p);
+    for (int64_t j = 0; j < n; ++j) out[j] = uniform(act.seed, counter0 + j) < threshold ? 0.0f : out[j] * keep_scale;
+  }
+}
+
+void check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3,
+              "rela fused attention: q, k and v must be [batch*heads, length, head_dim], got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  for (const Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(),
+                "rela fused attention: float32 CPU tensors only, got ", t->scalar_type(), " on ", t->device());
+    TORCH_CHECK(t->stride(2) == 1, "rela fused attention: the head dimension must be contiguous");
+  }
+  TORCH_CHECK(k.size(0) == v.size(0) && k.size(1) == v.size(1), "rela fused attention: k and v differ in shape");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2),
+              "rela fused attention: q ", q.sizes(), " does not fit k ", k.sizes());
+}
+
+Masks masks_of(const c10::optional<Tensor>& padding, const c10::optional<Tensor>& additive, int64_t blocks,
+               int64_t heads, int64_t T, int64_t S) {
+  Masks m;
+  if (padding.has_value() && padding->defined()) {
+    TORCH_CHECK(padding->scalar_type() == at::kBool && padding->is_contiguous() &&
+                    padding->numel() * heads == blocks * S,
+                "rela fused attention: the padding mask must be a contiguous bool [batch, ", S, "] tensor");
+    m.padding = padding->data_ptr<bool>();
+  }
+  if (additive.has_value() && additive->defined()) {
+    TORCH_CHECK(additive->scalar_type() == at::kFloat && additive->is_contiguous() && additive->numel() == T * S,
+                "rela fused attention: the attention mask must be a contiguous float [", T, ", ", S, "] tensor");
+    m.additive = additive->data_ptr<float>();
+  }
+  return m;
+}
+
+// a [T, B*H, D] tensor, returned as its [B*H, T, D] view (fairseq's layout, and the inputs')
+Tensor time_major_like(const Tensor& x) {
+  return at::empty({x.size(1), x.size(0), x.size(2)}, x.options()).transpose(0, 1);
+}
+
+}  // namespace
+
+// O = dropout(act(scale * Q K^T + masks)) V. q [BH, T, D], k and v [BH, S, D] (any layout with a contiguous last
+// dimension); padding [B, S] bool; additive [T, S] float. Returns O as a [BH, T, D] view of a [T, BH, D] tensor.
+Tensor attention_forward(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                         const c10::optional<Tensor>& padding, const c10::optional<Tensor>& additive, int64_t heads,
+                         double scale, bool squared, double p, int64_t seed) {
+  const Tensor q = q_in.detach(), k = k_in.detach(), v = v_in.detach();
+  check_attention_inputs(q, k, v);
+  const int64_t BH = q.size(0), T = q.size(1), S = k.size(1);
+  const Masks m = masks_of(padding, additive, BH, heads, T, S);
+  const Activation act{squared, p, static_cast<uint64_t>(seed)};
+  Tensor out = time_major_like(q);
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain ATen calls: no autograd bookkeeping per block
+    Tensor scores = at::empty({T, S}, q.options());
+    float* s = scores.data_ptr<float>();
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const bool* pad_row = m.padding ? m.padding + (bh / heads) * S : nullptr;
+      at::mm_out(scores, q[bh], k[bh].t());
+      for (int64_t i = 0; i < T; ++i) {
+        activate_row(s + i * S, nullptr, s + i * S, S, static_cast<float>(scale), pad_row,
+                     m.additive ? m.additive + i * S : nullptr, act, static_cast<uint64_t>((bh * T + i) * S));
+      }
+      Tensor o = out[bh];
+      at::mm_out(o, scores, v[bh]);
+    }
+  });
+  return out;
+}
+
+// Gradients of attention_forward with respect to q, k and v, each a [BH, len, D] view of a time-major tensor.
+std::vector<Tensor> attention_backward(const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in,
+                                       const Tensor& v_in, const c10::optional<Tensor>& padding,
+                                       const c10::optional<Tensor>& additive, int64_t heads, double scale,
+                                       bool squared, double p, int64_t seed) {
+  const Tensor q = q_in.detach(), k = k_in.detach(), v = v_in.detach(), g = grad_out_in.detach();
+  check_attention_inputs(q, k, v);
+  const int64_t BH = q.size(0), T = q.size(1), S = k.size(1);
+  const Masks m = masks_of(padding, additive, BH, heads, T, S);
+  const Activation act{squared, p, static_cast<uint64_t>(seed)};
+  Tensor dq = time_major_like(q), dk = time_major_like(k), dv = time_major_like(v);
+  const float keep_scale = p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f;
+  const float threshold = static_cast<float>(p);
+  const float scale_f = static_cast<float>(scale);
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Tensor raw = at::empty({T, S}, q.options());      // scale * S + masks
+    Tensor weights = at::empty({T, S}, q.options());  // A~
+    Tensor grad = at::empty({T, S}, q.options());     // dL/dA~, then scale * dL/dS
+    float* r = raw.data_ptr<float>();
+    float* a = weights.data_ptr<float>();
+    float* ga = grad.data_ptr<float>();
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const bool* pad_row = m.padding ? m.padding + (bh / heads) * S : nullptr;
+      at::mm_out(raw, q[bh], k[bh].t());
+      for (int64_t i = 0; i < T; ++i) {
+        activate_row(r + i * S, r + i * S, a + i * S, S, scale_f, pad_row, m.additive ? m.additive + i * S : nullptr,
+                     act, static_cast<uint64_t>((bh * T + i) * S));
+      }
+      Tensor dv_bh = dv[bh];
+      at::mm_out(dv_bh, weights.t(), g[bh]);  // dV = A~^T dO
+      at::mm_out(grad, g[bh], v[bh].t());     // dA~ = dO V^T
+      for (int64_t i = 0; i < T; ++i) {
+        const uint64_t counter0 = static_cast<uint64_t>((bh * T + i) * S);
+        float* gr = ga + i * S;
+        const float* rr = r + i * S;
+        for (int64_t j = 0; j < S; ++j) {
+          const float x = rr[j];  // padded keys hold 0 here: no gradient, like every non-positive score
+          float d = 0.0f;
+          if (x > 0.0f) d = gr[j] * keep_scale * scale_f * (squared ? 2.0f * x : 1.0f);  // never 0 * -inf
+          if (p > 0 && uniform(act.seed, counter0 + j) < threshold) d = 0.0f;
+          gr[j] = d;
+        }
+      }
+      Tensor dq_bh = dq[bh], dk_bh = dk[bh];
+      at::mm_out(dq_bh, grad, k[bh]);      // dQ = scale * dS K
+      at::mm_out(dk_bh, grad.t(), q[bh]);  // dK = scale * dS^T Q
+    }
+  });
+  return {dq, dk, dv};
+}
+
+// One step of incremental decoding (no gradients): the scores fairseq computed (masked keys at -inf) are rectified
+// in place, and O = A V is accumulated over the keys whose weight is not 0 (ReLA's zeros are skipped).
+// scores [BH, T, S]; v [KBH, S, D] with KBH = BH / beam (beam search keeps one copy of the encoder's values per
+// sentence: query block b * heads + h reads value block (b / beam) * heads + h). Returns O [T, BH, D].
+Tensor attention_step(const Tensor& scores, const Tensor& v_in, int64_t heads, bool squared) {
+  const Tensor v = v_in.detach().contiguous();
+  TORCH_CHECK(scores.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && scores.is_contiguous(),
+              "rela fused attention step: contiguous float32 scores and values only");
+  const int64_t BH = scores.size(0), T = scores.size(1), S = scores.size(2), KBH = v.size(0), D = v.size(2);
+  TORCH_CHECK(v.size(1) == S && BH % KBH == 0 && KBH % heads == 0, "rela fused attention step: scores ",
+              scores.sizes(), " do not fit values ", v.sizes());
+  const int64_t beam = BH / KBH;
+  Tensor out = at::zeros({T, BH, D}, v.options());
+  float* sp = scores.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, BH, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t kbh = (bh / heads / beam) * heads + bh % heads;
+      const float* vb = vp + kbh * S * D;
+      for (int64_t i = 0; i < T; ++i) {
+        float* row = sp + (bh * T + i) * S;
+        float* o = op + (i * BH + bh) * D;
+        for (int64_t j = 0; j < S; ++j) {
+          float a = row[j] > 0.0f ? row[j] : 0.0f;
+          if (squared) a = a * a;
+          row[j] = a;
+          if (a == 0.0f) continue;
+          const float* vr = vb + j * D;
+          for (int64_t c = 0; c < D; ++c) o[c] += a * vr[c];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// The dropout decisions of attention_forward, as a [BH, T, S] float tensor of 0 and 1 / (1 - p) (tests).
+Tensor dropout_mask(int64_t BH, int64_t T, int64_t S, double p, int64_t seed) {
+  Tensor mask = at::empty({BH, T, S}, at::kFloat);
+  float* out = mask.data_ptr<float>();
+  const float keep_scale = static_cast<float>(1.0 / (1.0 - p));
+  at::parallel_for(0, BH * T * S, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      out[c] = uniform(static_cast<uint64_t>(seed), static_cast<uint64_t>(c)) < static_cast<float>(p) ? 0.0f
+                                                                                                    : keep_scale;
+    }
+  });
+  return mask;
+}
+
+// Gated RMSNorm over rows of `width`: y = g * z * rstd [* sigmoid(w * z)]. Returns (y, rstd [rows]).
+std::vector<Tensor> norm_forward(const Tensor& z_in, const Tensor& gain_in, const c10::optional<Tensor>& gate_in,
+                                 int64_t width, double eps) {
+  const Tensor z = z_in.detach().contiguous(), gain = gain_in.detach().contiguous();
+  TORCH_CHECK(z.scalar_type() == at::kFloat && gain.scalar_type() == at::kFloat,
+              "rela fused norm: float32 only, got ", z.scalar_type());
+  const int64_t d = z.size(-1), rows = z.numel() / width;
+  TORCH_CHECK(d % width == 0 && gain.numel() == d, "rela fused norm: width ", width, " does not divide ", d);
+  const Tensor gate = gate_in.has_value() && gate_in->defined() ? gate_in->detach().contiguous() : Tensor();
+  Tensor y = at::empty_like(z), rstd = at::empty({rows}, z.options());
+  const float* zp = z.data_ptr<float>();
+  const float* gp = gain.data_ptr<float>();
+  const float* wp = gate.defined() ? gate.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  float* rp = rstd.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* zr = zp + r * width;
+      float* yr = yp + r * width;
+      const int64_t col0 = (r * width) % d;  // where this row starts in the gain and gate vectors
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < width; ++j) sum += zr[j] * zr[j];
+      const float inv = 1.0f / std::sqrt(sum / static_cast<float>(width) + static_cast<float>(eps));
+      rp[r] = inv;
+      if (wp) {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) yr[j] = zr[j] * inv * gp[col0 + j] * sigmoid(wp[col0 + j] * zr[j]);
+      } else {
+        for (int64_t j = 0; j < width; ++j) yr[j] = zr[j] * inv * gp[col0 + j];
+      }
+    }
+  });
+  return {y, rstd};
+}
+
+// Gradients of norm_forward with respect to z, the gain and the gate weights. With n = z * rstd, s = sigmoid(w * z):
+// dz = rstd * (dn - n * mean(dn * n)) + grad * n * g * s(1 - s) * w, dn = grad * s * g.
+std::vector<Tensor> norm_backward(const Tensor& grad_in, const Tensor& z_in, const Tensor& gain_in,
+                                  const c10::optional<Tensor>& gate_in, const Tensor& rstd, int64_t width) {
+  const Tensor z = z_in.detach().contiguous(), grad = grad_in.detach().contiguous();
+  const Tensor gain = gain_in.detach().contiguous();
+  const Tensor gate = gate_in.has_value() && gate_in->defined() ? gate_in->detach().contiguous() : Tensor();
+  const int64_t d = z.size(-1), rows = z.numel() / width;
+  const float* zp = z.data_ptr<float>();
+  const float* gradp = grad.data_ptr<float>();
+  const float* gp = gain.data_ptr<float>();
+  const float* wp = gate.defined() ? gate.data_ptr<float>() : nullptr;
+  const float* rp = rstd.data_ptr<float>();
+  Tensor dz = at::empty_like(z);
+  float* dzp = dz.data_ptr<float>();
+  // per-thread partial sums of the gain and gate gradients, added up at the end (no atomics)
+  Tensor partial = at::zeros({at::get_num_threads(), 2, d}, z.options());
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    float* dg = pp + at::get_thread_num() * 2 * d;
+    float* dw = dg + d;
+    std::vector<float> dn_buf(width), s_buf(width);
+    float* dn = dn_buf.data();
+    float* s = s_buf.data();
+    for (int64_t r = begin; r < end; ++r) {
+      const float* zr = zp + r * width;
+      const float* gr = gradp + r * width;
+      float* dzr = dzp + r * width;
+      const float* g = gp + (r * width) % d;
+      const float* w = wp ? wp + (r * width) % d : nullptr;
+      float* dgr = dg + (r * width) % d;
+      float* dwr = dw + (r * width) % d;
+      const float inv = rp[r];
+      float dot = 0.0f;  // sum_j dn_j * n_j
+      if (w) {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) s[j] = sigmoid(w[j] * zr[j]);
+      } else {
+        for (int64_t j = 0; j < width; ++j) s[j] = 1.0f;
+      }
+#pragma omp simd reduction(+ : dot)
+      for (int64_t j = 0; j < width; ++j) {
+        const float n = zr[j] * inv;
+        dn[j] = gr[j] * s[j] * g[j];
+        dot += dn[j] * n;
+        dgr[j] += gr[j] * s[j] * n;
+      }
+      const float mean_dot = dot / static_cast<float>(width);
+      if (w) {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          const float n = zr[j] * inv;
+          const float d_pre = gr[j] * n * g[j] * s[j] * (1.0f - s[j]);  // dL / d(w * z)
+          dwr[j] += d_pre * zr[j];
+          dzr[j] = inv * (dn[j] - n * mean_dot) + d_pre * w[j];
+        }
+      } else {
+        for (int64_t j = 0; j < width; ++j) dzr[j] = inv * (dn[j] - zr[j] * inv * mean_dot);
+      }
+    }
+  });
+  Tensor sums = partial.sum(0);
+  return {dz, sums[0].contiguous(), wp ? sums[1].contiguous() : Tensor()};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("attention_forward", &attention_forward, "ReLA attention core, forward");
+  module.def("attention_backward", &attention_backward, "ReLA attention core, backward");
+  module.def("attention_step", &attention_step, "ReLA attention from fairseq's scores (incremental decoding)");
+  module.def("dropout_mask", &dropout_mask, "the attention dropout decisions of attention_forward");
+  module.def("norm_forward", &norm_forward, "gated RMSNorm, forward");
+  module.def("norm_backward", &norm_backward, "gated RMSNorm, backward");
+}

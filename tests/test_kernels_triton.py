@@ -1,0 +1,90 @@
+"""The Triton kernels (the GPU path of ``--rela-kernel``) against the eager path: on a GPU where there is one, else on
+CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set here before Triton is imported). Same checks as
+``test_kernels.py``: the core with every mask, activation and dropout, the norm, the decoding step with beam-shared
+values, and whole models (training gradients, beam search) with the Triton kernels in place of the C++ ones."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from test_kernels import TOL, check_models_fused_equal_eager, eager_core, time_major  # noqa: E402
+
+from rela_fairseq import kernels  # noqa: E402
+from rela_fairseq.kernels.rela_triton import TritonKernels  # noqa: E402
+from rela_fairseq.rela import EPS, rela_norm_reference  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON = TritonKernels()
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu2"])
+@pytest.mark.parametrize("masks", ["padding", "causal", "both"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_triton_attention_core_equals_eager(activation, masks, dropout):
+    bsz, heads, tgt_len, head_dim = 2, 3, 19, 8  # lengths that are no multiple of the tiles
+    src_len = tgt_len if masks != "padding" else 21
+    q = time_major(bsz * heads, tgt_len, head_dim, seed=1).to(DEVICE)
+    k, v = (time_major(bsz * heads, src_len, head_dim, seed=s).to(DEVICE) for s in (2, 3))
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    q, k, v = leaves
+    padding = attn_mask = None
+    if masks in ("padding", "both"):
+        padding = torch.zeros(bsz, src_len, dtype=torch.bool, device=DEVICE)
+        padding[0, -3:] = padding[1, :2] = True
+    if masks in ("causal", "both"):
+        attn_mask = torch.full((tgt_len, src_len), float("-inf"), device=DEVICE).triu(1)
+    torch.manual_seed(5)
+    fused = kernels.fused_attention(TRITON, q, k, v, heads=heads, scale=head_dim ** -0.5, padding=padding,
+                                    attn_mask=attn_mask, squared=activation == "relu2", dropout=dropout)
+    keep = None
+    if dropout:
+        torch.manual_seed(5)
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        keep = TRITON.dropout_mask(bsz * heads, tgt_len, src_len, dropout, seed, device=DEVICE)
+        assert abs((keep > 0).float().mean().item() - (1 - dropout)) < 0.05
+    eager = eager_core(q, k, v, head_dim ** -0.5, padding, attn_mask, activation, keep)
+    torch.testing.assert_close(fused, eager, **TOL)
+    upstream = torch.randn_like(eager)
+    for f, e in zip(torch.autograd.grad(fused, leaves, upstream), torch.autograd.grad(eager, leaves, upstream)):
+        torch.testing.assert_close(f, e, **TOL)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_triton_norm_equals_reference(gated):
+    torch.manual_seed(0)
+    heads = torch.randn(37, 2, 24, device=DEVICE, requires_grad=True)  # 74 rows: more than one backward program
+    gain = torch.randn(24, device=DEVICE, requires_grad=True)
+    gate = torch.randn(24, device=DEVICE, requires_grad=True) if gated else None
+    fused = kernels.fused_gated_rms_norm(TRITON, heads, gain, gate, 24, EPS)
+    ref = rela_norm_reference(heads, gain, None, gate, "rms", 24)
+    torch.testing.assert_close(fused, ref, **TOL)
+    leaves = [heads, gain] + ([gate] if gated else [])
+    upstream = torch.randn_like(ref)
+    for f, r in zip(torch.autograd.grad(fused, leaves, upstream), torch.autograd.grad(ref, leaves, upstream)):
+        torch.testing.assert_close(f, r, **TOL)
+    assert not kernels.norm_supported(TRITON, 6, 24)  # a per-head norm runs eagerly on a GPU
+
+
+def test_triton_decoding_step_shares_values_across_the_beam():
+    sentences, beam, heads, src_len, head_dim = 2, 3, 4, 21, 8
+    scores = torch.randn(sentences * beam * heads, 1, src_len, device=DEVICE)
+    values = torch.randn(sentences * heads, src_len, head_dim, device=DEVICE)
+    weights = F.relu(scores)
+    expected = torch.einsum("bxhts,bhsd->bxhtd", weights.view(sentences, beam, heads, 1, src_len),
+                            values.view(sentences, heads, src_len, head_dim))
+    out = TRITON.attention_step(scores, values, heads, False)
+    torch.testing.assert_close(out, expected.reshape(-1, 1, head_dim).transpose(0, 1), **TOL)
+    torch.testing.assert_close(scores, weights, rtol=0, atol=0)  # rectified in place: the weights fairseq returns
+
+
+@pytest.mark.parametrize("setting", ["rela_g", "rela_i", "relu2"])
+def test_models_with_triton_kernels_equal_eager(setting, monkeypatch):
+    """test_kernels' whole-model check through the Triton kernels (on CPU tensors in the interpreter, in place of the
+    C++ ones)."""
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    check_models_fused_equal_eager(setting, kernels._TritonKernels, TRITON, monkeypatch, DEVICE)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Where the time of one training step goes: an attention function against fairseq's stock softmax, op by op.
+"""Where the time of one training step (or of beam search) goes: an attention function against fairseq's stock
+softmax, op by op.
 
 Builds both models exactly as ``speed.py`` does (same sizes, same synthetic batch), warms them up, then profiles
 ``--steps`` training steps of each with torch.profiler, alternating the two, and prints the operators whose self time
@@ -10,6 +11,7 @@ and ``GatedRMSNorm*`` (``--system rela_g_eager``) for ReLA-g, ``_softmax`` and t
 
     python benchmarks/profile_step.py                       # ReLA-g vs softmax, Transformer-base, 48 tokens
     python benchmarks/profile_step.py --system rela_i --length 16 --json profile.json
+    python benchmarks/profile_step.py --mode decode --length 48         # beam search, 16 sentences
 """
 
 import argparse
@@ -25,15 +27,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import speed  # noqa: E402  the same models and batches as the benchmark
 
 
-def profiled_step(model, optimizer, batch, totals):
-    """One profiled training step; adds each operator's self CPU time (ms) to ``totals``; returns wall seconds."""
+def profiled(work, device, totals):
+    """Runs ``work()`` under torch.profiler; adds each operator's self CPU time (ms) to ``totals``; returns wall
+    seconds."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if batch["target"].is_cuda else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         started = time.perf_counter()
-        speed.train_step(model, optimizer, batch)
-        speed.sync(batch["target"].device)
+        work()
+        speed.sync(device)
         elapsed = time.perf_counter() - started
     for event in prof.key_averages():
         totals[event.key] += event.self_cpu_time_total / 1e3
@@ -47,20 +50,28 @@ def run(args):
     systems = ["softmax", args.system]
     models = {s: speed.build(s, args.config, dictionary, device) for s in systems}
     optimizers = {s: torch.optim.Adam(m.parameters(), lr=1e-4) for s, m in models.items()}
+    sample = {"net_input": {k: v[: args.decode_sentences] for k, v in batch["net_input"].items()
+                            if k != "prev_output_tokens"}}
+
+    def work(system):
+        if args.mode == "train":
+            models[system].train()
+            return lambda: speed.train_step(models[system], optimizers[system], batch)
+        return lambda: speed.time_decoding(models[system], dictionary, sample, args.length, device)
+
     for system in systems:  # warm-up, and Adam's state
-        speed.time_training_step(models[system], optimizers[system], batch, device)
+        work(system)()
     totals = {s: collections.defaultdict(float) for s in systems}
     wall = {s: 0.0 for s in systems}
     for step in range(args.steps):
         for system in systems if step % 2 == 0 else systems[::-1]:
-            models[system].train()
-            wall[system] += profiled_step(models[system], optimizers[system], batch, totals[system])
+            wall[system] += profiled(work(system), device, totals[system])
     per_step = {s: {op: ms / args.steps for op, ms in totals[s].items()} for s in systems}
     ops = sorted(set(per_step["softmax"]) | set(per_step[args.system]),
                  key=lambda op: -abs(per_step[args.system].get(op, 0.0) - per_step["softmax"].get(op, 0.0)))
     rows = [{"op": op, "softmax_ms": per_step["softmax"].get(op, 0.0), "system_ms": per_step[args.system].get(op, 0.0)}
             for op in ops]
-    return {"settings": vars(args), "ntokens": batch["ntokens"],
+    return {"settings": vars(args), "ntokens": batch["ntokens"] if args.mode == "train" else None,
             "seconds_per_step": {s: wall[s] / args.steps for s in systems},
             "self_ms_per_step": {s: sum(per_step[s].values()) for s in systems}, "ops": rows}
 
@@ -68,7 +79,10 @@ def run(args):
 def report(result, top):
     system = result["settings"]["system"]
     sec = result["seconds_per_step"]
-    lines = [f"one training step, {result['ntokens']} target tokens, profiled: softmax {sec['softmax']:.3f} s, "
+    settings = result["settings"]
+    what = (f"one training step, {result['ntokens']} target tokens" if settings["mode"] == "train" else
+            f"decoding {settings['decode_sentences']} sentences of {settings['length']} tokens, beam 4")
+    lines = [f"{what}, profiled: softmax {sec['softmax']:.3f} s, "
              f"{system} {sec[system]:.3f} s ({sec['softmax'] / sec[system]:.3f}x softmax's speed)",
              "", f"| operator | softmax ms | {system} ms | difference ms |", "|---|---|---|---|"]
     for row in result["ops"][:top]:
@@ -86,6 +100,9 @@ def parse_args(argv=None):
     p.add_argument("--system", default="rela_g", choices=[s for s in {**speed.SYSTEMS, **speed.EXTRA_SYSTEMS}
                                                           if s != "softmax"],
                    help="compared with fairseq's stock softmax Transformer (default rela_g)")
+    p.add_argument("--mode", default="train", choices=("train", "decode"),
+                   help="a training step (default), or beam search on --decode-sentences sentences")
+    p.add_argument("--decode-sentences", type=int, default=16, help="sentences decoded (--mode decode, default 16)")
     p.add_argument("--config", default="base", choices=list(speed.CONFIGS), help="model size (default base)")
     p.add_argument("--length", type=int, default=48, help="sequence length (default 48)")
     p.add_argument("--train-tokens", type=int, default=2048, help="target tokens per batch (default 2048)")
@@ -94,7 +111,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--json", help="write the whole profile to this file")
     args = p.parse_args(argv)
-    speed.check_arguments(p, args, {"length": 2, "train_tokens": 1, "steps": 1, "top": 1})
+    speed.check_arguments(p, args, {"length": 2, "train_tokens": 1, "steps": 1, "top": 1, "decode_sentences": 1})
     return args
 
 

@@ -122,6 +122,56 @@ Masks masks_of(const c10::optional<Tensor>& padding, const c10::optional<Tensor>
   return m;
 }
 
+// The products of one block. Small blocks (short sentences, narrow heads) use plain loops on the raw rows, whose
+// inner loops over the head dimension vectorise: at::mm_out's dispatch and the block's tensor views cost more than
+// their arithmetic there. Larger blocks use at::mm_out (MKL/oneDNN).
+constexpr int64_t kSmallBlock = 32768;  // T * S * d_h up to which the plain loops run
+
+struct Rows {  // a [n, d] matrix whose rows are `stride` apart (one block of a time-major tensor)
+  float* data;
+  int64_t stride;
+  float* row(int64_t i) const { return data + i * stride; }
+};
+
+Rows rows_of(const Tensor& t, int64_t block) { return {t.data_ptr<float>() + block * t.stride(0), t.stride(1)}; }
+
+// C [m, n] (contiguous) = A [m, d] B [n, d]^T
+inline void product_abt(const Rows& a, const Rows& b, float* c, int64_t m, int64_t n, int64_t d) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float* ai = a.row(i);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* bj = b.row(j);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < d; ++k) sum += ai[k] * bj[k];
+      c[i * n + j] = sum;
+    }
+  }
+}
+
+// Y [m, d] = X [m, n] (contiguous) Z [n, d]; with `transpose_x`, Y [n, d] = X^T Z where Z is [m, d]
+inline void product_xz(const float* x, int64_t m, int64_t n, const Rows& z, const Rows& y, int64_t d,
+                       bool transpose_x) {
+  const int64_t out_rows = transpose_x ? n : m;
+  for (int64_t r = 0; r < out_rows; ++r) std::fill(y.row(r), y.row(r) + d, 0.0f);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float w = x[i * n + j];
+      if (w == 0.0f) continue;  // ReLA's zeros (and dropped, masked, negative scores) cost nothing
+      float* yr = transpose_x ? y.row(j) : y.row(i);
+      const float* zr = transpose_x ? z.row(i) : z.row(j);
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k) yr[k] += w * zr[k];
+    }
+  }
+}
+
+// at::parallel_for's grain: enough rows per task for about 32K numbers of work, so that a small call (a decoding
+// step) runs in the calling thread instead of paying for waking the OpenMP team
+inline int64_t grain(int64_t numbers_per_row) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, numbers_per_row));
+}
+
 // a [T, B*H, D] tensor, returned as its [B*H, T, D] view (fairseq's layout, and the inputs')
 Tensor time_major_like(const Tensor& x) {
   return at::empty({x.size(1), x.size(0), x.size(2)}, x.options()).transpose(0, 1);
@@ -136,7 +186,7 @@ Tensor attention_forward(const Tensor& q_in, const Tensor& k_in, const Tensor& v
                          double scale, bool squared, double p, int64_t seed) {
   const Tensor q = q_in.detach(), k = k_in.detach(), v = v_in.detach();
   check_attention_inputs(q, k, v);
-  const int64_t BH = q.size(0), T = q.size(1), S = k.size(1);
+  const int64_t BH = q.size(0), T = q.size(1), S = k.size(1), D = q.size(2);
   const Masks m = masks_of(padding, additive, BH, heads, T, S);
   const Activation act{squared, p, static_cast<uint64_t>(seed)};
   Tensor out = time_major_like(q);
@@ -146,13 +196,22 @@ Tensor attention_forward(const Tensor& q_in, const Tensor& k_in, const Tensor& v
     float* s = scores.data_ptr<float>();
     for (int64_t bh = begin; bh < end; ++bh) {
       const bool* pad_row = m.padding ? m.padding + (bh / heads) * S : nullptr;
-      at::mm_out(scores, q[bh], k[bh].t());
+      const bool small = T * S * D <= kSmallBlock;
+      if (small) {
+        product_abt(rows_of(q, bh), rows_of(k, bh), s, T, S, D);
+      } else {
+        at::mm_out(scores, q[bh], k[bh].t());
+      }
       for (int64_t i = 0; i < T; ++i) {
         activate_row(s + i * S, nullptr, s + i * S, S, static_cast<float>(scale), pad_row,
                      m.additive ? m.additive + i * S : nullptr, act, static_cast<uint64_t>((bh * T + i) * S));
       }
-      Tensor o = out[bh];
-      at::mm_out(o, scores, v[bh]);
+      if (small) {
+        product_xz(s, T, S, rows_of(v, bh), rows_of(out, bh), D, false);
+      } else {
+        Tensor o = out[bh];
+        at::mm_out(o, scores, v[bh]);
+      }
     }
   });
   return out;
@@ -163,9 +222,10 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out_in, const Tensor& 
                                        const Tensor& v_in, const c10::optional<Tensor>& padding,
                                        const c10::optional<Tensor>& additive, int64_t heads, double scale,
                                        bool squared, double p, int64_t seed) {
-  const Tensor q = q_in.detach(), k = k_in.detach(), v = v_in.detach(), g = grad_out_in.detach();
+  const Tensor q = q_in.detach(), k = k_in.detach(), v = v_in.detach();
+  const Tensor g = grad_out_in.stride(2) == 1 ? grad_out_in.detach() : grad_out_in.detach().contiguous();
   check_attention_inputs(q, k, v);
-  const int64_t BH = q.size(0), T = q.size(1), S = k.size(1);
+  const int64_t BH = q.size(0), T = q.size(1), S = k.size(1), D = q.size(2);
   const Masks m = masks_of(padding, additive, BH, heads, T, S);
   const Activation act{squared, p, static_cast<uint64_t>(seed)};
   Tensor dq = time_major_like(q), dk = time_major_like(k), dv = time_major_like(v);
@@ -182,14 +242,24 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out_in, const Tensor& 
     float* ga = grad.data_ptr<float>();
     for (int64_t bh = begin; bh < end; ++bh) {
       const bool* pad_row = m.padding ? m.padding + (bh / heads) * S : nullptr;
-      at::mm_out(raw, q[bh], k[bh].t());
+      const bool small = T * S * D <= kSmallBlock;
+      if (small) {
+        product_abt(rows_of(q, bh), rows_of(k, bh), r, T, S, D);
+      } else {
+        at::mm_out(raw, q[bh], k[bh].t());
+      }
       for (int64_t i = 0; i < T; ++i) {
         activate_row(r + i * S, r + i * S, a + i * S, S, scale_f, pad_row, m.additive ? m.additive + i * S : nullptr,
                      act, static_cast<uint64_t>((bh * T + i) * S));
       }
-      Tensor dv_bh = dv[bh];
-      at::mm_out(dv_bh, weights.t(), g[bh]);  // dV = A~^T dO
-      at::mm_out(grad, g[bh], v[bh].t());     // dA~ = dO V^T
+      if (small) {
+        product_xz(a, T, S, rows_of(g, bh), rows_of(dv, bh), D, true);  // dV = A~^T dO
+        product_abt(rows_of(g, bh), rows_of(v, bh), ga, T, S, D);       // dA~ = dO V^T
+      } else {
+        Tensor dv_bh = dv[bh];
+        at::mm_out(dv_bh, weights.t(), g[bh]);
+        at::mm_out(grad, g[bh], v[bh].t());
+      }
       for (int64_t i = 0; i < T; ++i) {
         const uint64_t counter0 = static_cast<uint64_t>((bh * T + i) * S);
         float* gr = ga + i * S;
@@ -202,9 +272,14 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out_in, const Tensor& 
           gr[j] = d;
         }
       }
-      Tensor dq_bh = dq[bh], dk_bh = dk[bh];
-      at::mm_out(dq_bh, grad, k[bh]);      // dQ = scale * dS K
-      at::mm_out(dk_bh, grad.t(), q[bh]);  // dK = scale * dS^T Q
+      if (small) {
+        product_xz(ga, T, S, rows_of(k, bh), rows_of(dq, bh), D, false);  // dQ = scale * dS K
+        product_xz(ga, T, S, rows_of(q, bh), rows_of(dk, bh), D, true);   // dK = scale * dS^T Q
+      } else {
+        Tensor dq_bh = dq[bh], dk_bh = dk[bh];
+        at::mm_out(dq_bh, grad, k[bh]);
+        at::mm_out(dk_bh, grad.t(), q[bh]);
+      }
     }
   });
   return {dq, dk, dv};
@@ -226,7 +301,7 @@ Tensor attention_step(const Tensor& scores, const Tensor& v_in, int64_t heads, b
   float* sp = scores.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, BH, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, BH, grain(T * S * D), [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t kbh = (bh / heads / beam) * heads + bh % heads;
       const float* vb = vp + kbh * S * D;
@@ -276,7 +351,7 @@ std::vector<Tensor> norm_forward(const Tensor& z_in, const Tensor& gain_in, cons
   const float* wp = gate.defined() ? gate.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   float* rp = rstd.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(width), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* zr = zp + r * width;
       float* yr = yp + r * width;
@@ -315,7 +390,7 @@ std::vector<Tensor> norm_backward(const Tensor& grad_in, const Tensor& z_in, con
   // per-thread partial sums of the gain and gate gradients, added up at the end (no atomics)
   Tensor partial = at::zeros({at::get_num_threads(), 2, d}, z.options());
   float* pp = partial.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(width), [&](int64_t begin, int64_t end) {
     float* dg = pp + at::get_thread_num() * 2 * d;
     float* dw = dg + d;
     std::vector<float> dn_buf(width), s_buf(width);

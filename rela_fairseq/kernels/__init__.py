@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import sys
 from typing import Optional
 
 import torch
@@ -101,9 +103,10 @@ def _build():
     if not cpp_extension.is_ninja_available():
         raise KernelUnavailable("ninja is not installed: pip install ninja (or rela-fairseq[kernels])")
     flags = ["-O3", "-fopenmp", "-fno-trapping-math"]  # the last lets the compiler vectorise exp_approx
-    name = "rela_fairseq_cpu"
-    # the row loops (ReLU, dropout, norm, gate) are vectorised by the compiler: AVX2 where this CPU has it (a build
-    # of its own, so that machines sharing a home directory never load each other's)
+    # one build per Python, torch and instruction set: a TORCH_EXTENSIONS_DIR shared by several environments (or
+    # machines sharing a home directory) must never load another's build
+    name = re.sub(r"\W", "_", f"rela_fairseq_cpu_py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}")
+    # the row loops (ReLU, dropout, norm, gate) are vectorised by the compiler: AVX2 where this CPU has it
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
         name += "_avx2"

@@ -93,7 +93,7 @@ class RelaMultiheadAttention(MultiheadAttention):
                 return None
         elif torch.is_grad_enabled():
             return None
-        return kernels.extension_for(query, self.attn_fn.kernel)
+        return kernels.extension_for(query, self.attn_fn.norm.kernel)
 
     def _fused_forward(self, ext, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
                        key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor]) -> Tensor:

@@ -182,10 +182,9 @@ class Rela(AttentionFunction):
     def __init__(self, embed_dim: int, num_heads: int, settings: AttentionSettings):
         super().__init__()
         self.activation = settings.rela_activation
-        self.kernel = settings.rela_kernel  # not a setting of the model: fused and eager give the same results
         self.norm = RelaNorm(embed_dim, num_heads, norm=settings.rela_norm, scope=settings.rela_norm_scope,
                              gate=settings.rela_variant == "gated", gain_init=settings.gain_init,
-                             kernel=settings.rela_kernel)
+                             kernel=settings.rela_kernel)  # no model setting: fused and eager give the same results
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         return rectify(scores, self.activation)

@@ -253,6 +253,31 @@ def check_models_fused_equal_eager(setting, backend, module, monkeypatch, device
             torch.testing.assert_close(hypo_f["attention"], hypo_e["attention"], **TOL)
 
 
+def check_decoding_step(module, device, layout, beam, activation="relu"):
+    """``attention_step`` against ReLU (or its square) and A·V: the scores rectified in place (the weights fairseq
+    returns), the values shared by the ``beam`` hypotheses of a sentence and read in place in their ``layout``
+    (fairseq's cached encoder values are a time-major view)."""
+    sentences, heads, tgt_len, src_len, head_dim = 2, 4, 2, 21, 8
+    gen = torch.Generator().manual_seed(beam)
+    scores = torch.randn(sentences * beam * heads, tgt_len, src_len, generator=gen).to(device)
+    values = torch.randn(src_len, sentences * heads, head_dim, generator=gen).to(device)
+    values = values.transpose(0, 1) if layout == "time_major" else values.transpose(0, 1).contiguous()
+    weights = rectify(scores, activation)
+    expected = torch.einsum("bxhts,bhsd->bxhtd", weights.view(sentences, beam, heads, tgt_len, src_len),
+                            values.reshape(sentences, heads, src_len, head_dim))
+    out = module.attention_step(scores, values, heads, activation == "relu2")
+    assert out.shape == (tgt_len, sentences * beam * heads, head_dim)  # time-major, as fairseq's head outputs
+    torch.testing.assert_close(out, expected.reshape(-1, tgt_len, head_dim).transpose(0, 1), **TOL)
+    torch.testing.assert_close(scores, weights, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "time_major"])
+@pytest.mark.parametrize("beam", [1, 3])
+@pytest.mark.parametrize("activation", ["relu", "relu2"])
+def test_decoding_step_equals_eager(ext, layout, beam, activation):
+    check_decoding_step(ext, "cpu", layout, beam, activation)
+
+
 class KernelSpy:
     """The compiled module, counting which of its kernels are called."""
 

@@ -11,8 +11,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from test_kernels import TOL, check_models_fused_equal_eager, eager_core, time_major  # noqa: E402
+from test_kernels import TOL, check_decoding_step, check_models_fused_equal_eager, eager_core, time_major  # noqa: E402
 
 from rela_fairseq import kernels  # noqa: E402
 from rela_fairseq.kernels.rela_triton import TritonKernels  # noqa: E402
@@ -70,16 +69,9 @@ def test_triton_norm_equals_reference(gated):
     assert not kernels.norm_supported(TRITON, 6, 24)  # a per-head norm runs eagerly on a GPU
 
 
-def test_triton_decoding_step_shares_values_across_the_beam():
-    sentences, beam, heads, src_len, head_dim = 2, 3, 4, 21, 8
-    scores = torch.randn(sentences * beam * heads, 1, src_len, device=DEVICE)
-    values = torch.randn(sentences * heads, src_len, head_dim, device=DEVICE)
-    weights = F.relu(scores)
-    expected = torch.einsum("bxhts,bhsd->bxhtd", weights.view(sentences, beam, heads, 1, src_len),
-                            values.view(sentences, heads, src_len, head_dim))
-    out = TRITON.attention_step(scores, values, heads, False)
-    torch.testing.assert_close(out, expected.reshape(-1, 1, head_dim).transpose(0, 1), **TOL)
-    torch.testing.assert_close(scores, weights, rtol=0, atol=0)  # rectified in place: the weights fairseq returns
+@pytest.mark.parametrize("layout", ["contiguous", "time_major"])
+def test_triton_decoding_step_equals_eager(layout):
+    check_decoding_step(TRITON, DEVICE, layout, beam=3)
 
 
 @pytest.mark.parametrize("setting", ["rela_g", "relu2"])  # ReLA-i's ungated norm: test_triton_norm_equals_reference

@@ -154,8 +154,8 @@ def _dropout_mask(OUT, T, S, p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _attention_step(SC, V, OUT, T, S, D, BH, heads, beam, SQUARED: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+def _attention_step(SC, V, OUT, T, S, D, BH, heads, beam, v_block, v_row, SQUARED: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One decoding step's row: A = act(scores) written back in place, O = A V over the (beam-shared) values."""
     row = tl.program_id(0)  # bh * T + t
     bh = row // T
@@ -170,7 +170,7 @@ def _attention_step(SC, V, OUT, T, S, D, BH, heads, beam, SQUARED: tl.constexpr,
         if SQUARED:
             a = a * a
         tl.store(SC + row * S + offs_n, a, mask=offs_n < S)
-        v = tl.load(V + (kbh * S + offs_n[:, None]) * D + offs_d[None, :],
+        v = tl.load(V + kbh * v_block + offs_n[:, None] * v_row + offs_d[None, :],
                     mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
         acc += tl.sum(a[:, None] * v.to(tl.float32), axis=0)
     tl.store(OUT + (t * BH + bh) * D + offs_d, acc.to(OUT.dtype.element_ty), mask=offs_d < D)
@@ -302,13 +302,14 @@ class TritonKernels:
         return dq, dk, dv
 
     def attention_step(self, scores: Tensor, v: Tensor, heads: int, squared: bool) -> Tensor:
-        v = v.contiguous()
+        if v.stride(2) != 1:  # any other layout is read in place (fairseq's cached encoder values are time-major)
+            v = v.contiguous()
         bh, tgt_len, src_len = scores.shape
         kbh, _, head_dim = v.shape
         out = torch.empty(tgt_len, bh, head_dim, dtype=v.dtype, device=v.device)
         block_n = 64 if v.is_cuda else 16
         _attention_step[(bh * tgt_len,)](scores, v, out, tgt_len, src_len, head_dim, bh, heads, bh // kbh,
-                                         SQUARED=squared, BLOCK_N=block_n,
+                                         v.stride(0), v.stride(1), SQUARED=squared, BLOCK_N=block_n,
                                          BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
         return out
 

@@ -7,7 +7,8 @@ Builds both models exactly as ``speed.py`` does (same sizes, same synthetic batc
 differs most, with the wall time per step of each. Operators with the same shapes in both models (the matrix
 products) differ only by noise; the ones that exist in one model only are the attention function's own cost:
 ``FusedAttention*`` and ``FusedGatedRMSNorm*`` (the fused kernels, ``--rela-kernel auto``) or ``relu``, ``sigmoid_``
-and ``GatedRMSNorm*`` (``--system rela_g_eager``) for ReLA-g, ``_softmax`` and the fused softmax attention for softmax.
+and ``GatedRMSNorm*`` (``--system rela_g_eager``) for ReLA-g, ``_softmax`` and the fused softmax attention for softmax;
+in decoding ``rela_fairseq::attention_step`` and ``rela_fairseq::norm_forward`` (the kernels called outside autograd).
 
     python benchmarks/profile_step.py                       # ReLA-g vs softmax, Transformer-base, 48 tokens
     python benchmarks/profile_step.py --system rela_i --length 16 --json profile.json
@@ -43,8 +44,36 @@ def profiled(work, device, totals):
     return elapsed
 
 
+class NamedKernels:
+    """The loaded fused kernels, each call named in the profile (``rela_fairseq::attention_step``). In decoding they
+    run outside autograd, so no operator names them, and their time would count as the self time of whatever scope
+    called them (``EnsembleModel: forward_decoder``)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __getattr__(self, name):
+        kernel = getattr(self.module, name)
+
+        def named(*args, **kwargs):
+            with torch.profiler.record_function(f"rela_fairseq::{name}"):
+                return kernel(*args, **kwargs)
+
+        return named
+
+
+def name_kernel_calls(device):
+    from rela_fairseq import kernels
+
+    backend = kernels.BACKENDS.get(device.type)
+    if backend is not None and backend.load() is not None and not isinstance(backend.module, NamedKernels):
+        backend.module = NamedKernels(backend.module)
+
+
 def run(args):
     device = torch.device(args.device)
+    if args.mode == "decode":  # in training, the kernels' autograd functions name them (FusedAttention, ...)
+        name_kernel_calls(device)
     dictionary = speed.Dictionary(speed.CONFIGS[args.config]["vocab"]).d
     batch = speed.make_batch(dictionary, args.train_tokens, args.length, device, seed=args.length)
     systems = ["softmax", args.system]

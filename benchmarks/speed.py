@@ -19,6 +19,7 @@ paper).
     python benchmarks/speed.py                  # small and Transformer-base, lengths 16-512 (an hour on a CPU)
     python benchmarks/speed.py --quick          # tiny sizes, seconds (CI)
     python benchmarks/speed.py --configs base --lengths 16 48 --systems rela_g --extra rela_g_eager
+    python benchmarks/speed.py --measure decode --lengths 16 48 128 --systems rela_g rela_i
     python benchmarks/speed.py --end-to-end multi30k_de_en --systems rela_g --extra rela_g_eager
     python benchmarks/speed.py --json out.json --device cuda
 """
@@ -52,9 +53,13 @@ SYSTEMS = {  # name -> (model, options); "softmax" is the stock fairseq Transfor
 }
 EXTRA_SYSTEMS = {  # rela_g and rela_i above run --rela-kernel auto: the fused kernels where they build
     "softmax_plugin": ("transformer_rela", {"attn_fn": "softmax"}),  # --attn-fn softmax through the plugin
+    # a second, identical copy of the stock model: its ratio to softmax (1.00 on a quiet machine) is the run's noise
+    # floor; on a shared 2-core VM two copies of one model have differed by 5% in decoding
+    "softmax_control": ("transformer", {}),
     "rela_g_eager": ("transformer_rela", {"attn_fn": "rela", "rela_variant": "gated", "rela_kernel": "eager"}),
     "rela_i_eager": ("transformer_rela", {"attn_fn": "rela", "rela_variant": "init", "rela_kernel": "eager"}),
 }
+MEASURES = ("train", "decode", "memory")
 E2E_VARIANTS = {"rela_g_eager": ("rela_g", {"RELA_FAIRSEQ_KERNEL": "eager"}),
                 "rela_i_eager": ("rela_i", {"RELA_FAIRSEQ_KERNEL": "eager"})}
 
@@ -230,9 +235,11 @@ def run(args):
         models = {s: build(s, config, dictionary, device) for s in systems}
         optimizers = {s: torch.optim.Adam(m.parameters(), lr=1e-4) for s, m in models.items()}
         params = {s: sum(p.numel() for p in m.parameters()) for s, m in models.items()}
-        for length in args.lengths + [n for n in args.memory_lengths if n not in args.lengths]:
+        memory_only = [n for n in args.memory_lengths if n not in args.lengths] if "memory" in args.measure else []
+        for length in args.lengths + memory_only:
             timed = length in args.lengths
-            kinds = ["train"] + (["decode"] if timed and length <= args.max_decode_length else [])
+            kinds = [k for k in ("train", "decode") if k in args.measure
+                     and (k == "train" or length <= args.max_decode_length)] if timed else []
             batch = make_batch(dictionary, args.train_tokens, length, device, seed=length)
             decode_sample = make_batch(dictionary, args.decode_sentences * length, length, device, seed=length + 1)
             decode_sample = {"net_input": {k: v[: args.decode_sentences] for k, v in decode_sample["net_input"].items()
@@ -240,11 +247,12 @@ def run(args):
             cell = raw.setdefault(f"{config}/L{length}", {s: {"train": [], "decode": [], "memory": []}
                                                         for s in systems})
             for system in systems:  # warm-up (and Adam's state)
-                time_training_step(models[system], optimizers[system], batch, device)
+                if "train" in kinds or "memory" in args.measure:
+                    time_training_step(models[system], optimizers[system], batch, device)
                 if "decode" in kinds:
                     time_decoding(models[system], dictionary, decode_sample, length, device)
             # one step per system per round, the order rotating: a burst of noise hits every system alike
-            for kind in kinds if timed else []:
+            for kind in kinds:
                 for repeat in range(args.repeats):
                     for system in systems[repeat % len(systems):] + systems[: repeat % len(systems)]:
                         if kind == "train":
@@ -254,7 +262,7 @@ def run(args):
                         cell[system][kind].append(value)
                     print(f"  {config} L={length} {kind} round {repeat + 1}/{args.repeats}: " + "  ".join(
                         f"{s} {cell[s][kind][-1]:.1f}" for s in systems), file=sys.stderr, flush=True)
-            for system in systems:
+            for system in systems if "memory" in args.measure else []:
                 cell[system]["memory"].append(peak_training_memory(models[system], optimizers[system], batch, device))
             results += summarize(cell, config, length, params)
         del models, optimizers
@@ -283,8 +291,8 @@ def summarize(cell, config, length, params):
             "config": config, "length": length, "system": system, "parameters": params[system],
             "train_tokens_per_s": median(system, "train"), "train_ratio": ratio(system, "train"),
             "decode_sentences_per_s": median(system, "decode"), "decode_ratio": ratio(system, "decode"),
-            "peak_memory_mb": memory / 2**20,
-            "memory_ratio": memory / ref_memory if ref_memory > 0 else None,
+            "peak_memory_mb": memory / 2**20 if memory is not None else None,
+            "memory_ratio": memory / ref_memory if memory is not None and ref_memory else None,
         })
     return rows
 
@@ -298,7 +306,7 @@ def markdown(results):
     for r in results:
         lines.append(f"| {r['config']} | {r['length']} | {r['system']} | {show(r['train_tokens_per_s'], 0)} | "
                      f"{show(r['train_ratio'], 2)} | {show(r['decode_sentences_per_s'], 2)} | "
-                     f"{show(r['decode_ratio'], 2)} | {r['peak_memory_mb']:.0f} | {show(r['memory_ratio'], 2)} |")
+                     f"{show(r['decode_ratio'], 2)} | {show(r['peak_memory_mb'], 0)} | {show(r['memory_ratio'], 2)} |")
     return "\n".join(lines)
 
 
@@ -358,6 +366,8 @@ def parse_args(argv=None):
     p.add_argument("--max-decode-length", type=int, help="decoding is timed up to this length (default 256)")
     p.add_argument("--memory-lengths", nargs="*", type=int,
                    help="lengths at which only peak training memory is measured (default: 1024)")
+    p.add_argument("--measure", nargs="+", choices=MEASURES, default=list(MEASURES),
+                   help="what to measure (default: all): training speed, decoding speed, peak training memory")
     p.add_argument("--repeats", type=int, help="interleaved rounds of one step (or decode) per system (default 5)")
     p.add_argument("--train-tokens", type=int, help="target tokens per training batch (default 2048)")
     p.add_argument("--decode-sentences", type=int, help="sentences per decoding batch (default 16)")
@@ -366,7 +376,8 @@ def parse_args(argv=None):
                    help="systems to measure (default: all; softmax, the reference, is always measured)")
     p.add_argument("--extra", nargs="*", default=[], choices=list(EXTRA_SYSTEMS),
                    help="also measure these variants: softmax through the plugin, ReLA-g or ReLA-i with --rela-kernel "
-                        "eager (rela_g and rela_i run auto: the fused kernels where they build)")
+                        "eager (rela_g and rela_i run auto: the fused kernels where they build), or a second copy of "
+                        "the stock model (softmax_control: the ratio that means 'no difference' in this run)")
     p.add_argument("--end-to-end", metavar="TASK",
                    help="time fairseq-train and fairseq-generate themselves on this prepared task (configs/TASK.yaml, "
                         "trained by scripts/compare.sh TASK), from their own logs, instead of the model in process")

@@ -13,14 +13,17 @@ SYSTEMS = {"softmax", "sparsemax", "entmax15", "entmax_alpha", "rela_g", "rela_i
 def test_quick_benchmark_json(tmp_path):
     out = tmp_path / "speed.json"
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "speed.py"), "--quick", "--json", out,
-                           "--extra", "softmax_plugin", "rela_g_eager"], capture_output=True, text=True, timeout=600)
+                           "--extra", "softmax_plugin", "rela_g_eager", "softmax_control"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| config | length | system | train tok/s | train × softmax |" in proc.stdout
     data = json.loads(out.read_text())
     assert data["environment"]["torch"] and data["settings"]["quick"] is True
     assert data["environment"]["rela_kernel_auto"] == "fused"  # rela_g ran the kernels, rela_g_eager the operators
     rows = data["results"]
-    assert {r["system"] for r in rows} == SYSTEMS | {"softmax_plugin", "rela_g_eager"}
+    assert {r["system"] for r in rows} == SYSTEMS | {"softmax_plugin", "rela_g_eager", "softmax_control"}
+    control = {r["parameters"] for r in rows if r["system"] in ("softmax", "softmax_control")}
+    assert len(control) == 1  # the control is the stock model again
     assert {r["length"] for r in rows} == {8, 16, 32}  # 32: peak memory only (--memory-lengths)
     for r in rows:
         assert r["peak_memory_mb"] >= 0 and r["memory_ratio"] is not None
@@ -32,6 +35,18 @@ def test_quick_benchmark_json(tmp_path):
             assert r["train_ratio"] == 1.0 and r["decode_ratio"] == 1.0
     assert "| tiny | 32 | rela_g | – | – | – | – |" in proc.stdout
     assert set(data["raw"]) == {"tiny/L8", "tiny/L16", "tiny/L32"}
+
+
+def test_benchmark_measures_only_what_it_is_asked(tmp_path):
+    out = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "speed.py"), "--quick", "--json", out,
+                           "--measure", "decode", "--systems", "rela_g"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["length"], r["system"]) for r in rows} == {(n, s) for n in (8, 16) for s in ("softmax", "rela_g")}
+    for r in rows:  # no memory-only length, no training, no memory
+        assert r["decode_sentences_per_s"] > 0 and r["train_tokens_per_s"] is None and r["peak_memory_mb"] is None
+    assert "| tiny | 8 | rela_g | – | – |" in proc.stdout and "train round" not in proc.stderr
 
 
 def test_benchmark_rejects_bad_arguments():
@@ -62,3 +77,14 @@ def test_step_profile_rejects_bad_arguments():
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"), "--system", "relu"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "invalid choice: 'relu'" in proc.stderr and "rela_g" in proc.stderr
+
+
+def test_decoding_profile_names_the_kernels_called_outside_autograd(tmp_path):
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"), "--config", "tiny",
+                           "--mode", "decode", "--length", "6", "--decode-sentences", "2", "--steps", "1", "--json",
+                           out], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ops = {row["op"]: row for row in json.loads(out.read_text())["ops"]}
+    for op in ("rela_fairseq::attention_step", "rela_fairseq::norm_forward"):
+        assert ops[op]["softmax_ms"] == 0 and ops[op]["system_ms"] > 0, op

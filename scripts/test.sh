@@ -24,7 +24,7 @@ for version in "${!venvs[@]}"; do
   log "running the tests on Python $version"
   (
     cd "$REPO_ROOT"
-    # the pipeline's own logic (no fairseq model code) runs once, under 3.11 (pytest.ini, marker one_python)
+    # what does not depend on fairseq's version runs once, under 3.11 (pytest.ini, marker one_python)
     only=(); if [[ $version != 3.11 && -n ${venvs[3.11]:-} ]]; then only=(-m "not one_python"); fi
     # the ReLA models run through the fused kernels under 3.11 and through the eager operators under 3.10: the suite
     # passes with both (tests/test_kernels.py compares the two on each version whatever this says)

@@ -47,6 +47,8 @@ def test_a_corrupted_mirror_file_is_a_clear_error_and_leaves_nothing_half_writte
     assert not (tmp_path / "data" / "multi30k_de_en-quick" / "raw").exists()
 
 
+# scripts/compare.sh is the pipeline's logic around fairseq's tools, which the other tests run under both fairseq
+# versions (test_cli, test_models, test_checkpoints): its end-to-end run (minutes) happens once, under Python 3.11
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
@@ -55,6 +57,7 @@ def compared(tmp_path_factory):
     return root, env, first
 
 
+@pytest.mark.one_python
 def test_compare_prints_the_table_and_writes_json_and_plots(compared):
     root, _, first = compared
     out_dir = root / "results" / "multi30k_de_en-quick" / "compare"
@@ -80,6 +83,7 @@ def test_compare_prints_the_table_and_writes_json_and_plots(compared):
     assert {"sparsity.png", "null_rate.png", "cross_sentence0_layer1.png"} <= plots
 
 
+@pytest.mark.one_python
 def test_compare_again_trains_nothing(compared):
     root, env, first = compared
     assert "fairseq-train" in first.stderr
@@ -109,6 +113,7 @@ def test_compare_still_rejects_an_unknown_option(capsys):
     assert "unrecognized arguments: --beam 2 softmax" in capsys.readouterr().err
 
 
+@pytest.mark.one_python
 def test_speed_end_to_end_times_fairseq_itself_on_the_trained_task(compared):
     """benchmarks/speed.py --end-to-end: fairseq-train's words/s and fairseq-generate's sentences/s from their own
     logs, ReLA-g also with RELA_FAIRSEQ_KERNEL=eager; a system without a trained checkpoint is a clear error."""

@@ -298,14 +298,13 @@ Tensor attention_step(const Tensor& scores, const Tensor& v_in, int64_t heads, b
   const int64_t BH = scores.size(0), T = scores.size(1), S = scores.size(2), KBH = v.size(0), D = v.size(2);
   TORCH_CHECK(v.size(1) == S && BH % KBH == 0 && KBH % heads == 0, "rela fused attention step: scores ",
               scores.sizes(), " do not fit values ", v.sizes());
-  const int64_t beam = BH / KBH, v_block = v.stride(0), v_row = v.stride(1);
+  const int64_t beam = BH / KBH;
   Tensor out = at::empty({T, BH, D}, v.options());
   float* sp = scores.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, BH, grain(T * S * D), [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
-      const float* vb = vp + ((bh / heads / beam) * heads + bh % heads) * v_block;
+      const Rows vb = rows_of(v, (bh / heads / beam) * heads + bh % heads);
       for (int64_t i = 0; i < T; ++i) {
         float* row = sp + (bh * T + i) * S;
         float* __restrict__ o = op + (i * BH + bh) * D;
@@ -315,7 +314,7 @@ Tensor attention_step(const Tensor& scores, const Tensor& v_in, int64_t heads, b
           if (squared) a = a * a;
           row[j] = a;
           if (a == 0.0f) continue;
-          const float* __restrict__ vr = vb + j * v_row;
+          const float* __restrict__ vr = vb.row(j);
 #pragma omp simd
           for (int64_t c = 0; c < D; ++c) o[c] += a * vr[c];
         }

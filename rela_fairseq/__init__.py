@@ -5,17 +5,23 @@ registers the model and its architectures, allow-lists the classes fairseq check
 ``weights_only`` loading, and makes the command-line tools print the plugin's own errors without a traceback.
 """
 
-__version__ = "0.3.1"
+__version__ = "0.3.2"
 
 import importlib.util
+import os
+import sys
 
 from .quiet import drop_known_log_lines
 
-# Without fairseq (a fresh clone, before scripts/setup_env.sh) only the parts that need none of it import: the
-# pipeline's command-line help. Where fairseq is installed, every import error below shows as it is.
-if importlib.util.find_spec("fairseq") is not None:
-    drop_known_log_lines()  # before fairseq is imported: its speech tasks log an install hint for tensorboardX
+_plugged_in = False
 
+
+def plug_into_fairseq() -> None:
+    """Register the model and its architectures with fairseq, allow-list fairseq's checkpoint classes and install the
+    one-line error hook. Importing the package does this; calling it again does nothing."""
+    global _plugged_in
+    if _plugged_in:
+        return
     from . import compat
     from .errors import install_excepthook
 
@@ -23,3 +29,32 @@ if importlib.util.find_spec("fairseq") is not None:
     install_excepthook()
 
     from . import models  # noqa: F401  registers transformer_rela and its architectures
+
+    _plugged_in = True
+
+
+# The project's own commands that need fairseq for only part of their work: the scripts' driver (it runs fairseq's
+# tools as processes of their own) and rela-analyze (AER and plots read files). Importing fairseq (torch, hydra, and
+# scikit-learn through fairseq.tasks) costs them about 6 s, also for --help or a mistyped task; where they do use
+# fairseq in their own process (loading a model), rela_fairseq.analyze.load_model calls plug_into_fairseq.
+SELF_SETUP_MODULES = ("rela_fairseq.pipeline", "rela_fairseq.analyze")
+SELF_SETUP_SCRIPTS = ("rela-analyze",)  # console scripts (setup.py)
+
+
+def _main_sets_fairseq_up_itself() -> bool:
+    """Whether this process runs one of those commands: ``python -m MODULE`` (the interpreter's own command line,
+    Python >= 3.10) or the console script (its path is sys.argv[0] before it imports anything)."""
+    argv = getattr(sys, "orig_argv", [])
+    if "-m" in argv:
+        module = argv.index("-m") + 1
+        return module < len(argv) and argv[module] in SELF_SETUP_MODULES
+    return bool(sys.argv) and os.path.basename(sys.argv[0]) in SELF_SETUP_SCRIPTS
+
+
+drop_known_log_lines()  # before fairseq is imported (here or later): its speech tasks log a tensorboardX hint
+
+
+# Without fairseq (a fresh clone, before scripts/setup_env.sh) only the parts that need none of it import: the
+# pipeline's command-line help. Where fairseq is installed, every import error below shows as it is.
+if importlib.util.find_spec("fairseq") is not None and not _main_sets_fairseq_up_itself():
+    plug_into_fairseq()

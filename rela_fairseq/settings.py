@@ -1,7 +1,6 @@
 """The plugin's concepts and settings, each defined once.
 
-* ``ATTENTION_TYPES``: the three attention types of a Transformer, with the names the model, the analysis, the reports
-  and the plots use for them.
+* ``ATTENTION_TYPES`` (``attention_types.py``): the three attention types of a Transformer and their names.
 * ``AttentionSettings``: the attention function's settings as one typed dataclass (fairseq's ``FairseqDataclass``
   style): each field has its default, its choices and its help once. The argparse options of ``transformer_rela``,
   the architectures' defaults, the validation and ``build_attention_function`` all derive from it.
@@ -14,32 +13,17 @@ No ``from __future__ import annotations`` here: fairseq reads the field types as
 
 import argparse
 from dataclasses import dataclass, field, fields, make_dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models.transformer import TransformerConfig
 from fairseq.utils import safe_getattr
 
 from .attention_functions import ATTENTION_FUNCTIONS
+from .attention_types import ATTENTION_TYPE, ATTENTION_TYPES
 from .errors import RelaConfigError
 from .kernels import KERNELS
 from .rela import ACTIVATIONS, GAIN_INITS, NORM_SCOPES, NORMS, VARIANTS
-
-
-class AttentionType(NamedTuple):
-    name: str  # encoder | decoder | cross
-    short: str  # in table headers: enc | dec | cross
-    label: str  # in prose and plot titles
-    layer_module: str  # the attribute of fairseq's encoder or decoder layer that holds it
-    option: str  # the flat option that overrides --attn-fn for this type
-
-
-ATTENTION_TYPES = (
-    AttentionType("encoder", "enc", "encoder self-attention", "self_attn", "encoder_attn_fn"),
-    AttentionType("decoder", "dec", "decoder self-attention", "self_attn", "decoder_attn_fn"),
-    AttentionType("cross", "cross", "cross-attention", "encoder_attn", "cross_attn_fn"),
-)
-ATTENTION_TYPE = {t.name: t for t in ATTENTION_TYPES}
 
 ATTN_FN = ChoiceEnum(list(ATTENTION_FUNCTIONS))
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from tool_server import STARTUP_ENV, ForkedTool, is_console_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "rela_fairseq")
@@ -68,12 +69,19 @@ def left_padded_batch(dictionary, lengths, seed=0):
 
 
 def start_cli(tool, *args, input=None, cwd=None, env=None):
-    """Start one of the installed console scripts (fairseq-train, rela-analyze, ...) as a user would."""
+    """Start one of the installed console scripts (fairseq-train, rela-analyze, ...) as a user would: forked from a
+    server that has imported the heavy libraries fairseq imports once (tool_server.py), or as a new interpreter where
+    the call changes how Python starts (PYTHONPATH, ...), where ``tool`` is no console script, or everywhere with
+    RELA_TESTS_NEW_INTERPRETERS=1."""
     exe = os.path.join(BIN_DIR, tool)
     cmd = [exe if os.path.exists(exe) else tool, *map(str, args)]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=cwd, env=full_env)
+    startup = any(k.startswith(STARTUP_ENV) for k in env or {})
+    if is_console_script(tool) and not startup and os.environ.get("RELA_TESTS_NEW_INTERPRETERS") != "1":
+        proc = ForkedTool(cmd[0], cmd[1:], input, cwd, full_env)
+    else:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=cwd, env=full_env)
     proc.cmd, proc.input = cmd, input
     return proc
 

@@ -3,9 +3,10 @@
 import json
 import os
 import re
+import sys
 
 import pytest
-from helpers import REPO, run_cli
+from helpers import BIN_DIR, REPO, run_cli
 
 from rela_fairseq.analyze.aer import AlignmentFileError, format_score, score, score_files
 
@@ -73,6 +74,17 @@ def test_command_line_output_and_json(tmp_path):
     # reversing both sides changes nothing
     both = run_cli("rela-analyze", "aer", gold, hyp, "--reverse-gold", "--reverse-hyp")
     assert both.stdout.strip() == proc.stdout.strip()
+
+
+def test_the_scorer_and_the_plots_of_saved_statistics_import_neither_fairseq_nor_torch(tmp_path):
+    """rela-analyze aer and plot stats/aer read files: they must not wait for fairseq's imports (about 6 s). The
+    subcommands that read a model load it through load_model, which registers the plugin (test_analysis_cli.py)."""
+    gold, hyp = os.path.join(FIXTURE, "gold.talp"), os.path.join(FIXTURE, "giza", "test.enfr.talp")
+    for args in (["aer", gold, hyp, "--gold-index-base", 1], ["plot", "stats", "--help"]):
+        proc = run_cli(sys.executable, "-X", "importtime", os.path.join(BIN_DIR, "rela-analyze"), *args)
+        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        assert "rela_fairseq.analyze.cli" in imported and not {"fairseq", "torch"} & imported, args
+    assert proc.stdout.startswith("usage: rela-analyze plot stats")
 
 
 def test_line_count_mismatch_names_both_files(tmp_path):

@@ -1,5 +1,7 @@
 """End to end through fairseq's own command-line tools with --user-dir, for every system."""
 
+import re
+
 import pytest
 import torch
 from conftest import TINY_SIZES, train, train_args
@@ -129,3 +131,21 @@ def test_crafted_checkpoint_is_refused_and_its_code_does_not_run(toy_bin, tmp_pa
     assert proc.returncode != 0
     assert "weights_only" in proc.stderr.lower() or "Unsupported global" in proc.stderr
     assert not marker.exists(), "unpickling the checkpoint ran its code"
+
+
+def test_forked_tools_behave_like_new_interpreters(trained, toy_bin, tmp_path, monkeypatch):
+    """The suite runs the console scripts forked from tests/tool_server.py: a call gives the same output and exit code
+    as the same call in a new interpreter (logging set up by fairseq's own modules, the plugin's one-line errors)."""
+    calls = [("fairseq-train", *train_args(toy_bin, tmp_path / "bad", 1, "--rela-variant", "gate")),
+             ("fairseq-generate", *generate_args(toy_bin, trained("rela_g") / "checkpoint_last.pt", "--model-overrides",
+                                                 "{'attn_fn': 'relu'}")),
+             ("rela-analyze", "aer", toy_bin / "dict.src.txt", toy_bin / "dict.tgt.txt")]
+    for call in calls:
+        results = {}
+        for new in ("1", "0"):
+            monkeypatch.setenv("RELA_TESTS_NEW_INTERPRETERS", new)
+            proc = run_cli(*call, check=False)
+            results[new] = (proc.returncode, *(re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "", out)
+                                               for out in (proc.stdout, proc.stderr)))
+        assert results["1"][0] != 0 and "Traceback" not in results["1"][2], call[0]
+        assert results["0"] == results["1"], call[0]

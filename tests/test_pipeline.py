@@ -114,20 +114,21 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def test_resume_on_another_device_count_keeps_tokens_per_update(tmp_path):
-    env = script_env(tmp_path, QUICK=1)
+def test_resume_on_another_device_count_keeps_tokens_per_update(quick_root):
+    """ReLA-i (the plugin's attention under data-parallel training), on the toy data the tests above prepared."""
+    env = script_env(quick_root, QUICK=1)
     run_script("prepare.sh", "toy", env=env)
-    first = run_script("train.sh", "toy", "softmax", "--max-update", 4,
+    first = run_script("train.sh", "toy", "rela_i", "--max-update", 4,
                        env=dict(env, NPROC_PER_NODE="2", MASTER_PORT=str(free_port())))
     log = first.stdout + first.stderr  # two processes through torchrun, gloo on CPUs
     assert "distributed init (rank 0)" in log and "distributed init (rank 1)" in log and "torchrun" in log
     assert "batch: 2000 tokens x 1 step(s) x 2 device(s) = 4000 tokens per update" in first.stderr
-    resumed = run_script("train.sh", "toy", "softmax", "--max-update", 6, env=env)
+    resumed = run_script("train.sh", "toy", "rela_i", "--max-update", 6, env=env)
     log = resumed.stdout + resumed.stderr
     assert "resuming on 1 device(s) (trained so far on 2): 2000 x 1 x 2 becomes 4000 x 1 x 1; tokens per update " \
            "stay at 4000" in log
     assert "Loaded checkpoint" in log and "@ 4 updates" in log
-    record = json.loads((tmp_path / "checkpoints" / "toy-quick" / "softmax" / "run.json").read_text())
+    record = json.loads((quick_root / "checkpoints" / "toy-quick" / "rela_i" / "run.json").read_text())
     batches = [h["batch"] for h in record["history"]]
     assert [b["devices"] for b in batches] == [2, 1]
     assert {b["max_tokens"] * b["update_freq"] * b["devices"] for b in batches} == {4000}
@@ -159,6 +160,22 @@ def test_every_script_has_help(tmp_path):
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and out.strip(), f"{name}: {err[-1000:]}"
+
+
+def test_the_pipeline_driver_imports_neither_fairseq_nor_torch_to_dispatch(tmp_path):
+    """The scripts' driver (python -m rela_fairseq.pipeline) runs fairseq's tools as processes of their own: a
+    mistyped task or --help must not wait for fairseq's imports (about 6 s); the plugin registers as usual elsewhere."""
+    driver = [sys.executable, "-X", "importtime", "-m", "rela_fairseq.pipeline"]
+    for args, code, says in ((["--help"], 0, "usage: python -m rela_fairseq.pipeline"),
+                             (["prepare", "wmt15_xx_yy"], 1, "unknown task 'wmt15_xx_yy'"),
+                             (["results", "--output", str(tmp_path / "results.md")], 1, "no results yet")):
+        proc = subprocess.run([*driver, *args], capture_output=True, text=True, env=script_env(tmp_path), cwd=REPO)
+        assert proc.returncode == code and says in proc.stdout + proc.stderr, (args, proc.stderr[-2000:])
+        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        assert "rela_fairseq.pipeline" in imported and not {"fairseq", "torch"} & imported, args
+    plugin = subprocess.run([sys.executable, "-c", "import rela_fairseq, fairseq.models as m; "
+                             "print('transformer_rela' in m.ARCH_MODEL_REGISTRY)"], capture_output=True, text=True)
+    assert plugin.stdout.strip() == "True", plugin.stderr[-2000:]
 
 
 @pytest.mark.one_python

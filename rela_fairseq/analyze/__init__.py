@@ -10,8 +10,21 @@ Library use::
 Command line: ``rela-analyze {attention,align,aer,plot}`` (``python -m rela_fairseq.analyze``).
 """
 
-from .analysis import AlignmentSettings, Analysis, analyse, score_alignments
-from .forced import ForcedBatch, forced_batches, load_model, sentence_maps
+import importlib
 
-__all__ = ["AlignmentSettings", "Analysis", "ForcedBatch", "analyse", "forced_batches", "load_model",
-           "score_alignments", "sentence_maps"]
+# Imported on first use (PEP 562): the model-reading half needs torch and fairseq, which rela-analyze's AER scorer and
+# its plots of saved statistics never touch (rela_fairseq/__init__.py).
+_EXPORTS = {"AlignmentSettings": "analysis", "Analysis": "analysis", "analyse": "analysis",
+            "score_alignments": "analysis", "ForcedBatch": "forced", "forced_batches": "forced",
+            "load_model": "forced", "sentence_maps": "forced"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

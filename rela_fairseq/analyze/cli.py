@@ -14,10 +14,9 @@ import json
 import os
 import sys
 
+from ..attention_types import ATTENTION_TYPE, ATTENTION_TYPES
 from ..errors import RelaFairseqError
-from ..settings import ATTENTION_TYPE, ATTENTION_TYPES
 from .align import SEGMENTATIONS
-from .metrics import LOG_BASE
 
 
 def _pct(value):
@@ -32,7 +31,7 @@ def attention_table(summary, label=""):
     """Per attention type: overall, then per layer (and each head's sparsity / null rate)."""
     lines = []
     head = f"Attention statistics{(' of ' + label) if label else ''} (valid query-key pairs only; "
-    lines.append(head + f"JS diversity in nats, log base {LOG_BASE.split()[0]})")
+    lines.append(head + f"JS diversity in nats, log base {summary['log_base'].split()[0]})")
     for attention_type, data in summary["types"].items():
         o = data["overall"]
         lines.append("")

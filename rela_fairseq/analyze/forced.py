@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import RelaMultiheadAttention, set_store_attn
+from ..attention_types import ATTENTION_TYPES
 from ..errors import RelaFairseqError
-from ..settings import ATTENTION_TYPES
 from .metrics import valid_pairs
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,9 @@ def load_model(path, data, subset="test", overrides=None, cpu=True):
     from fairseq import checkpoint_utils
     from fairseq.models import ARCH_MODEL_NAME_REGISTRY
 
+    from .. import plug_into_fairseq
+
+    plug_into_fairseq()  # the pipeline's driver imports the package without it (rela_fairseq/__init__.py)
     if not os.path.isfile(path):
         raise RelaFairseqError(f"no checkpoint at {path}")
     overrides = dict({"data": data}, **(overrides or {}))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..settings import ATTENTION_TYPES
+from ..attention_types import ATTENTION_TYPES
 
 LOG_BASE = "e (nats)"
 

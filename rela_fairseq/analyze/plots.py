@@ -5,8 +5,8 @@ Every function writes PNG, and PDF too when ``pdf=True``; it returns the paths w
 
 import os
 
+from ..attention_types import ATTENTION_TYPE, ATTENTION_TYPES
 from ..errors import require
-from ..settings import ATTENTION_TYPE, ATTENTION_TYPES
 
 
 def _pyplot():

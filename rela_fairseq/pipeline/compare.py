@@ -20,9 +20,9 @@ import os
 import statistics
 import time
 
+from ..attention_types import ATTENTION_TYPES
 from ..averaging import checkpoint_updates
 from ..files import read_json, write_json
-from ..settings import ATTENTION_TYPES
 from ..systems import LABELS
 from .commands import training_seconds
 from .config import Task, data_fingerprint

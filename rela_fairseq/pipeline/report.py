@@ -6,9 +6,9 @@ Runs after ``reproduce toy softmax`` and ``reproduce toy rela_g`` (the README's 
 
 import os
 
+from ..attention_types import ATTENTION_TYPES
 from ..errors import RelaFairseqError
 from ..files import read_json, write_json
-from ..settings import ATTENTION_TYPES
 from ..systems import LABELS
 
 

@@ -13,15 +13,11 @@ import sys
 
 from .quiet import drop_known_log_lines
 
-_plugged_in = False
-
 
 def plug_into_fairseq() -> None:
     """Register the model and its architectures with fairseq, allow-list fairseq's checkpoint classes and install the
-    one-line error hook. Importing the package does this; calling it again does nothing."""
-    global _plugged_in
-    if _plugged_in:
-        return
+    one-line error hook. Importing the package does this; calling it again changes nothing (each part is idempotent:
+    a module imports once, the allow-list is a set, the hook checks for itself)."""
     from . import compat
     from .errors import install_excepthook
 
@@ -29,8 +25,6 @@ def plug_into_fairseq() -> None:
     install_excepthook()
 
     from . import models  # noqa: F401  registers transformer_rela and its architectures
-
-    _plugged_in = True
 
 
 # The project's own commands that need fairseq for only part of their work: the scripts' driver (it runs fairseq's

@@ -76,14 +76,19 @@ def start_cli(tool, *args, input=None, cwd=None, env=None):
     exe = os.path.join(BIN_DIR, tool)
     cmd = [exe if os.path.exists(exe) else tool, *map(str, args)]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    startup = any(k.startswith(STARTUP_ENV) for k in env or {})
-    if is_console_script(tool) and not startup and os.environ.get("RELA_TESTS_NEW_INTERPRETERS") != "1":
+    forkable = cmd[0] == exe and is_console_script(tool) and not any(k.startswith(STARTUP_ENV) for k in env or {})
+    if forkable and os.environ.get("RELA_TESTS_NEW_INTERPRETERS") != "1":
         proc = ForkedTool(cmd[0], cmd[1:], input, cwd, full_env)
     else:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 cwd=cwd, env=full_env)
     proc.cmd, proc.input = cmd, input
     return proc
+
+
+def imported_modules(stderr):
+    """The modules a ``python -X importtime`` run imported, from its stderr."""
+    return {line.split("|")[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
 
 
 def finish_cli(proc, check=True, timeout=900):

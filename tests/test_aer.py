@@ -6,7 +6,7 @@ import re
 import sys
 
 import pytest
-from helpers import BIN_DIR, REPO, run_cli
+from helpers import BIN_DIR, REPO, imported_modules, run_cli
 
 from rela_fairseq.analyze.aer import AlignmentFileError, format_score, score, score_files
 
@@ -82,7 +82,7 @@ def test_the_scorer_and_the_plots_of_saved_statistics_import_neither_fairseq_nor
     gold, hyp = os.path.join(FIXTURE, "gold.talp"), os.path.join(FIXTURE, "giza", "test.enfr.talp")
     for args in (["aer", gold, hyp, "--gold-index-base", 1], ["plot", "stats", "--help"]):
         proc = run_cli(sys.executable, "-X", "importtime", os.path.join(BIN_DIR, "rela-analyze"), *args)
-        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        imported = imported_modules(proc.stderr)
         assert "rela_fairseq.analyze.cli" in imported and not {"fairseq", "torch"} & imported, args
     assert proc.stdout.startswith("usage: rela-analyze plot stats")
 

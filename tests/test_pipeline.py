@@ -12,7 +12,7 @@ import time
 
 import pytest
 from archive_server import real_config, serve_config, write_local_configs
-from helpers import REPO
+from helpers import REPO, imported_modules
 
 SCRIPTS = os.path.join(REPO, "scripts")
 
@@ -171,7 +171,7 @@ def test_the_pipeline_driver_imports_neither_fairseq_nor_torch_to_dispatch(tmp_p
                              (["results", "--output", str(tmp_path / "results.md")], 1, "no results yet")):
         proc = subprocess.run([*driver, *args], capture_output=True, text=True, env=script_env(tmp_path), cwd=REPO)
         assert proc.returncode == code and says in proc.stdout + proc.stderr, (args, proc.stderr[-2000:])
-        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        imported = imported_modules(proc.stderr)
         assert "rela_fairseq.pipeline" in imported and not {"fairseq", "torch"} & imported, args
     plugin = subprocess.run([sys.executable, "-c", "import rela_fairseq, fairseq.models as m; "
                              "print('transformer_rela' in m.ARCH_MODEL_REGISTRY)"], capture_output=True, text=True)

@@ -145,9 +145,10 @@ class _Server:
             else:
                 call.returncode = message["code"]
                 call.done.set()
-        for call in list(self.calls.values()):  # the server died: no call may wait forever
-            call.server_died = True
-            call.done.set()
+        for call in list(self.calls.values()):  # the server died: no running call may wait forever
+            if not call.done.is_set():
+                call.server_died = True
+                call.done.set()
 
     def start(self, call, request):
         with self.lock:

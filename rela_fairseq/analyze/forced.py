@@ -39,7 +39,7 @@ def load_model(path, data, subset="test", overrides=None, cpu=True):
 
     from .. import plug_into_fairseq
 
-    plug_into_fairseq()  # the pipeline's driver imports the package without it (rela_fairseq/__init__.py)
+    plug_into_fairseq()  # the scripts' driver and rela-analyze import the package without it (rela_fairseq/__init__.py)
     if not os.path.isfile(path):
         raise RelaFairseqError(f"no checkpoint at {path}")
     overrides = dict({"data": data}, **(overrides or {}))

@@ -2,10 +2,14 @@
 
 import os
 import re
+import shlex
+import sys
 
 import pytest
+import tool_server
 from archive_server import ArchiveServer
 from helpers import TINY_TRAIN_ARGS, run_cli
+from tool_client import SOCKET_VAR
 
 from rela_fairseq.systems import SYSTEMS
 
@@ -27,6 +31,27 @@ def fused_kernels():
         failure = kernels._CpuExtension.failure
         assert module is not None, f"RELA_FAIRSEQ_KERNEL=fused, but the kernels did not build: {failure}"
     return module
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pipeline_tools_from_the_tool_server():
+    """The fairseq tools the pipeline's scripts start are forked from the suite's tool server too (tool_client.py,
+    through the pipeline's RELA_TOOL_PREFIX), unless RELA_TESTS_NEW_INTERPRETERS=1. The scripts themselves, the
+    pipeline's driver and torchrun start as they do for users."""
+    if os.environ.get("RELA_TESTS_NEW_INTERPRETERS") == "1":
+        yield
+        return
+    client = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tool_client.py")
+    settings = {"RELA_TOOL_PREFIX": shlex.join([sys.executable, "-S", "-E", client]),
+                SOCKET_VAR: tool_server.server().socket_path}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import tool_server
 from archive_server import real_config, serve_config, write_local_configs
 from helpers import REPO, imported_modules
 
@@ -53,6 +54,9 @@ def test_reproduce_toy_writes_a_json_result_with_a_sacrebleu_signature(quick_roo
     assert "BLEU|nrefs:1" in proc.stdout and "chrF2|" in proc.stdout
     hyps = (quick_root / "results" / "toy-quick" / "rela_g.hyp").read_text().splitlines()
     assert len(hyps) == 50 and "\u2581" not in "".join(hyps)  # detokenised
+    if os.environ.get("RELA_TESTS_NEW_INTERPRETERS") != "1":  # the suite forked the scripts' fairseq tools
+        forked = [c["argv"] for c in tool_server.server().client_calls() if c["forked"]]
+        assert any(a[2:3] == ["fairseq-train"] and str(quick_root) in " ".join(a) for a in forked), forked
     # a second run finds every step done
     again = run_script("prepare.sh", "toy", env=env)
     assert "[generate] already done" in again.stderr and "[binarize] already done" in again.stderr

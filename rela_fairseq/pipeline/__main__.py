@@ -17,6 +17,7 @@ EPILOG = """environment:
   RELA_DOWNLOAD_MIRROR                       fetch every download from this base URL or local folder instead
   QUICK=1                                    a smoke run of a minute or two on CPU, in folders of its own
   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node training (train.sh on every node)
+  RELA_TOOL_PREFIX                           a command put before each fairseq tool started (nice -n 10, numactl ...)
 """
 
 

@@ -12,12 +12,17 @@ tool sets up logging, and one of fairseq's speech tasks then sets every logger t
 torchrun's environment itself only on GPUs (it computes ``rank % cuda.device_count()``); the rank, world size and
 local device are passed explicitly instead, so the same command also runs on CPUs with the gloo backend (tests) and on
 GPUs with NCCL.
+
+``RELA_TOOL_PREFIX`` names a command the pipeline puts before each of these tools (torchrun included): ``nice -n 10``,
+``numactl --cpunodebind=0 --membind=0``, ... (the test suite forks the tools from a server this way,
+tests/tool_client.py).
 """
 
 import importlib
 import logging
 import os
 import runpy
+import shlex
 import sys
 
 TOOLS = {  # console script -> the module whose cli_main it runs (fairseq's setup.py entry points)
@@ -30,12 +35,21 @@ TOOLS = {  # console script -> the module whose cli_main it runs (fairseq's setu
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+PREFIX_VAR = "RELA_TOOL_PREFIX"
+
+
+def prefix(env=os.environ):
+    """The command $RELA_TOOL_PREFIX puts before each tool the pipeline starts (none when unset)."""
+    return shlex.split(env.get(PREFIX_VAR, ""))
+
+
 def command(tool):
-    """The command line that runs ``tool`` this way, with this Python (for torchrun: the arguments after its own)."""
+    """The command line that runs ``tool`` this way, with this Python and $RELA_TOOL_PREFIX (for torchrun: the
+    arguments after its own; the prefix goes before torchrun)."""
     if tool not in TOOLS:
         raise ValueError(f"unknown fairseq tool {tool!r}; choose one of {', '.join(TOOLS)}")
     script = os.path.join(HERE, "fairseq_tool.py")
-    return [script, tool] if tool.endswith("-torchrun") else [sys.executable, script, tool]
+    return [script, tool] if tool.endswith("-torchrun") else [*prefix(), sys.executable, script, tool]
 
 
 def distributed_args(env=os.environ, cuda=None):

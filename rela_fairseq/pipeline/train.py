@@ -25,6 +25,7 @@ from ..files import read_json, write_json
 from .commands import BatchSplit, overridden_batch, train_command
 from .config import Task, data_fingerprint
 from .fairseq_tool import command as fairseq_command
+from .fairseq_tool import prefix as tool_prefix
 from .runtime import hardware, tool
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ def train(task: Task, system: str, extra_args=(), seed: int | None = None) -> st
     write_json(os.path.join(checkpoint_dir, "run.json"), record)
 
     if hw.nodes > 1 or "NPROC_PER_NODE" in os.environ:
-        cmd = [tool("torchrun"), f"--nnodes={hw.nodes}", f"--node_rank={os.environ.get('NODE_RANK', '0')}",
+        cmd = [*tool_prefix(), tool("torchrun"), f"--nnodes={hw.nodes}",
+               f"--node_rank={os.environ.get('NODE_RANK', '0')}",
                f"--nproc_per_node={hw.procs_per_node}", f"--master_addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
                f"--master_port={os.environ.get('MASTER_PORT', '29500')}",
                *fairseq_command("fairseq-train-torchrun"), *args]

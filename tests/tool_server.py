@@ -16,11 +16,14 @@ import of fairseq applies them in that call, in order, then hands over the modul
 
 What changes how an interpreter or those libraries start (``PYTHONPATH``, ``OMP_NUM_THREADS``, ...) needs a new
 interpreter: helpers.start_cli runs those calls, and every call when RELA_TESTS_NEW_INTERPRETERS=1, as plain
-subprocesses.
+subprocesses; the server itself answers "run it yourself" to such a call from tool_client.py (``forkable``).
 
-Standard library only. The server reads one JSON request per line on one pipe and answers on another ("started" with
-the pid, then "exited" with the code as subprocess reports it); its own standard streams are left alone, so nothing a
-preloaded library prints can garble the protocol.
+Standard library only. Two ways in: the test session writes one JSON request per line on one pipe (standard streams
+as files) and reads the answers on another (the pid, then the exit code as subprocess reports it); tool_client.py,
+which the pipeline's scripts run through RELA_TOOL_PREFIX in the tests, sends one message on a Unix socket with its
+own standard streams attached (SCM_RIGHTS) and gets the pid, then the exit code, on the same connection (or "fresh");
+when that connection closes first, its caller was killed, and so is the tool. The server's own standard streams are
+left alone, so nothing a preloaded library prints can garble either protocol.
 """
 
 import ast

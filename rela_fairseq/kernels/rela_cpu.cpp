@@ -91,6 +91,10 @@ inline void activate_row(const float* s, float* raw, float* out, int64_t n, floa
   }
 }
 
+// t, detached, as it is when its last dimension is contiguous (the kernels reach rows through the other strides: a
+// time-major view is read in place), else a contiguous copy
+Tensor rows_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t.detach() : t.detach().contiguous(); }
+
 void check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3,
               "rela fused attention: q, k and v must be [batch*heads, length, head_dim], got ", q.sizes(), ", ",
@@ -223,7 +227,7 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out_in, const Tensor& 
                                        const c10::optional<Tensor>& additive, int64_t heads, double scale,
                                        bool squared, double p, int64_t seed) {
   const Tensor q = q_in.detach(), k = k_in.detach(), v = v_in.detach();
-  const Tensor g = grad_out_in.stride(2) == 1 ? grad_out_in.detach() : grad_out_in.detach().contiguous();
+  const Tensor g = rows_contiguous(grad_out_in);
   check_attention_inputs(q, k, v);
   const int64_t BH = q.size(0), T = q.size(1), S = k.size(1), D = q.size(2);
   const Masks m = masks_of(padding, additive, BH, heads, T, S);
@@ -292,7 +296,7 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out_in, const Tensor& 
 // copy of the encoder's values per sentence: query block b * heads + h reads value block (b / beam) * heads + h).
 // Returns O [T, BH, D].
 Tensor attention_step(const Tensor& scores, const Tensor& v_in, int64_t heads, bool squared) {
-  const Tensor v = v_in.stride(2) == 1 ? v_in.detach() : v_in.detach().contiguous();
+  const Tensor v = rows_contiguous(v_in);
   TORCH_CHECK(scores.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && scores.is_contiguous(),
               "rela fused attention step: contiguous float32 scores and values only");
   const int64_t BH = scores.size(0), T = scores.size(1), S = scores.size(2), KBH = v.size(0), D = v.size(2);

@@ -90,15 +90,21 @@ def test_main_job_report_on_quick_toy(quick_root):
     assert (quick_root / "results.md").read_text().strip() == table.strip()
 
 
+def saved(log):
+    return log.exists() and "Saved checkpoint" in log.read_text()
+
+
 def test_train_resumes_after_being_killed(quick_root):
     env = script_env(quick_root, QUICK=1)
     run_script("prepare.sh", "toy", env=env)
     ckpt = quick_root / "checkpoints" / "toy-quick" / "entmax15"
     proc = subprocess.Popen(["bash", os.path.join(SCRIPTS, "train.sh"), "toy", "entmax15"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # fairseq copies each checkpoint to checkpoint_last.pt, which exists before the copy is done: kill after the
+    # save has been logged (a kill during the copy leaves a truncated checkpoint_last.pt that fairseq cannot load)
     deadline = time.time() + 300
-    while not (ckpt / "checkpoint_last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
+    while not saved(ckpt / "train.log") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
     assert proc.poll() is None, "training ended before it could be interrupted"
     assert (ckpt / "checkpoint_last.pt").exists()
     os.killpg(proc.pid, signal.SIGKILL)

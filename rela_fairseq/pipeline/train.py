@@ -112,4 +112,5 @@ def run_logged(cmd: list[str], log_path: str) -> int:
             sys.stdout.write(line)
             sys.stdout.flush()
             log.write(line)
+            log.flush()  # a killed run's log keeps its last lines, and `tail -f` shows them as they come
         return proc.wait()

@@ -18,7 +18,10 @@ if [[ -n ${venvs[3.11]:-${venvs[3.10]:-}} ]]; then
   (cd "$REPO_ROOT" && "${venvs[3.11]:-${venvs[3.10]}}/bin/ruff" check .) || failed+=("ruff")
 fi
 
-# the suites run side by side: much of their time is single-threaded (starting fairseq's command-line tools)
+# the suites run side by side: much of their time is single-threaded (starting fairseq's command-line tools). Each
+# gets its share of the cores for torch's thread pools: two legs' pools on the same cores thrash (test_cli.py on
+# 2 cores: 272 s with a pool of 2 per process, 124 s with 1). OMP_NUM_THREADS set by the caller wins.
+threads=$(( $(nproc) / ${#venvs[@]} )); if (( threads < 1 )); then threads=1; fi
 declare -A pids
 for version in "${!venvs[@]}"; do
   log "running the tests on Python $version"
@@ -29,7 +32,8 @@ for version in "${!venvs[@]}"; do
     # the ReLA models run through the fused kernels under 3.11 and through the eager operators under 3.10: the suite
     # passes with both (tests/test_kernels.py compares the two on each version whatever this says)
     kernel=fused; if [[ $version == 3.10 ]]; then kernel=eager; fi
-    RELA_FAIRSEQ_KERNEL=${RELA_FAIRSEQ_KERNEL:-$kernel} "${venvs[$version]}/bin/python" -m pytest -p no:cacheprovider \
+    RELA_FAIRSEQ_KERNEL=${RELA_FAIRSEQ_KERNEL:-$kernel} OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads} \
+      "${venvs[$version]}/bin/python" -m pytest -p no:cacheprovider \
       "${only[@]}" "$@" 2>&1 | sed -u "s/^/[py$version] /"
     exit "${PIPESTATUS[0]}"
   ) &

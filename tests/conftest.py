@@ -19,7 +19,7 @@ TINY_SIZES = {"train": 500, "valid": 48, "test": 37}  # 37: not a multiple of fa
 
 @pytest.fixture(scope="session", autouse=True)
 def fused_kernels():
-    """Build the fused ReLA kernels once, first (about a minute the first time on a machine), so that no test's
+    """Build the fused ReLA kernels once, first (about half a minute the first time on a machine), so that no test's
     command waits for the compiler. Under RELA_FAIRSEQ_KERNEL=fused (scripts/test.sh, Python 3.11) they must build:
     every ReLA model of the suite then runs through them."""
     from rela_fairseq import kernels
@@ -47,6 +47,7 @@ def pipeline_tools_from_the_tool_server():
     saved = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     yield
+    tool_server.shutdown()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

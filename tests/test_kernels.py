@@ -42,6 +42,17 @@ def ext(request):
     return module
 
 
+@pytest.fixture(autouse=True, scope="module")
+def several_threads():
+    """The kernels split their work over torch's threads (at::parallel_for; the norm's backward pass sums per-thread
+    partial results): they run with two or more here, whatever share of the cores scripts/test.sh gave the suite (the
+    models elsewhere in the suite then run them with one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def no_kernel_override(monkeypatch):
     """These tests choose the kernel themselves; the suite-wide RELA_FAIRSEQ_KERNEL must not override them."""

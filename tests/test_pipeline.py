@@ -109,11 +109,94 @@ def test_train_resumes_after_being_killed(quick_root):
     assert (ckpt / "checkpoint_last.pt").exists()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # and as if the kill had come during fairseq's copy to checkpoint_last.pt: the file cut short
+    last = ckpt / "checkpoint_last.pt"
+    os.truncate(last, last.stat().st_size // 2)
     resumed = run_script("train.sh", "toy", "entmax15", env=env)
     log = resumed.stdout + resumed.stderr
+    assert "checkpoint_last.pt was truncated (fairseq-train was stopped while copying it): replaced by a copy of " \
+           "checkpoint" in log, log[-2000:]
+    assert (ckpt / "checkpoint_last.pt.truncated").exists()
     loaded = re.search(r"[Ll]oaded checkpoint \S+checkpoint_last\.pt \(epoch \d+ @ (\d+) updates\)", log)
     assert loaded and 0 < int(loaded.group(1)) < 30, log[-2000:]
     assert max(int(n) for n in re.findall(r"num_updates[= ](\d+)", log)) == 30
+
+
+def save_checkpoints(folder, names, truncated=()):
+    """torch.save archives named ``names``, written one after the other (mtimes a second apart, in that order);
+    those in ``truncated`` cut in half, as a kill during fairseq's copy leaves them."""
+    import torch
+
+    folder.mkdir(exist_ok=True)
+    for second, name in enumerate(names):
+        torch.save({"name": name, "weights": torch.arange(1000.0)}, folder / name)
+        if name in truncated:
+            os.truncate(folder / name, (folder / name).stat().st_size // 2)
+        os.utime(folder / name, (1_700_000_000 + second,) * 2)
+
+
+def saved_name(path):
+    import torch
+
+    return torch.load(path)["name"]
+
+
+@pytest.mark.one_python
+def test_a_truncated_copy_is_completed_from_the_save_it_was_copied_from(tmp_path):
+    from rela_fairseq.pipeline.train import is_truncated, repair_interrupted_copies
+
+    # epoch 1's checkpoints are complete; the kill came while fairseq copied checkpoint_1_20.pt to checkpoint_last.pt;
+    # checkpoint_avg2.pt (evaluate's average, written later) and checkpoint_2_30.pt (written after) are no sources
+    save_checkpoints(tmp_path, ["checkpoint1.pt", "checkpoint_1_20.pt", "checkpoint_best.pt", "checkpoint_last.pt",
+                                "checkpoint_avg2.pt", "checkpoint_2_30.pt"], truncated={"checkpoint_last.pt"})
+    assert is_truncated(tmp_path / "checkpoint_last.pt") and not is_truncated(tmp_path / "checkpoint_best.pt")
+    assert repair_interrupted_copies(str(tmp_path)) == ["checkpoint_last.pt"]
+    assert saved_name(tmp_path / "checkpoint_last.pt") == "checkpoint_best.pt"  # the newest save before the cut
+    assert is_truncated(tmp_path / "checkpoint_last.pt.truncated")
+    assert repair_interrupted_copies(str(tmp_path)) == []  # nothing left to repair
+
+    # --no-epoch-checkpoints and no interval saves: checkpoint_best.pt is the first file of each save
+    other = tmp_path / "best_first"
+    save_checkpoints(other, ["checkpoint_best.pt", "checkpoint_last.pt"], truncated={"checkpoint_last.pt"})
+    assert repair_interrupted_copies(str(other)) == ["checkpoint_last.pt"]
+    assert saved_name(other / "checkpoint_last.pt") == "checkpoint_best.pt"
+
+    # the copy to checkpoint_best.pt was cut: it is completed; checkpoint_last.pt (the save before) is left as it is
+    other = tmp_path / "best_cut"
+    save_checkpoints(other, ["checkpoint_1_10.pt", "checkpoint_last.pt", "checkpoint_1_20.pt", "checkpoint_best.pt"],
+                     truncated={"checkpoint_best.pt"})
+    assert repair_interrupted_copies(str(other)) == ["checkpoint_best.pt"]
+    assert saved_name(other / "checkpoint_best.pt") == "checkpoint_1_20.pt"
+    assert saved_name(other / "checkpoint_last.pt") == "checkpoint_last.pt"
+
+    # --keep-best-checkpoints: the copy to checkpoint.best_loss_* was cut
+    other = tmp_path / "kept_best_cut"
+    save_checkpoints(other, ["checkpoint_1_20.pt", "checkpoint_best.pt", "checkpoint.best_loss_2.50.pt"],
+                     truncated={"checkpoint.best_loss_2.50.pt"})
+    assert repair_interrupted_copies(str(other)) == ["checkpoint.best_loss_2.50.pt"]
+    assert saved_name(other / "checkpoint.best_loss_2.50.pt") == "checkpoint_best.pt"
+
+
+@pytest.mark.one_python
+def test_a_truncated_copy_without_a_source_is_an_error_that_names_it(tmp_path):
+    from rela_fairseq.errors import RelaFairseqError
+    from rela_fairseq.pipeline.train import repair_interrupted_copies
+
+    save_checkpoints(tmp_path, ["checkpoint_last.pt", "checkpoint_1_20.pt"], truncated={"checkpoint_last.pt"})
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "checkpoint_last.pt").write_bytes(b"")  # killed before the copy wrote anything
+    for folder in (tmp_path, tmp_path / "empty"):
+        with pytest.raises(RelaFairseqError, match=f"{folder / 'checkpoint_last.pt'} is truncated .* no complete "
+                                                   f"checkpoint written before it is left in {folder}"):
+            repair_interrupted_copies(str(folder))
+        assert (folder / "checkpoint_last.pt").exists() and not (folder / "checkpoint_last.pt.truncated").exists()
+    # torch's legacy (pre-zip) format is not judged: fairseq's own load reports on it
+    import torch
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    torch.save({"old": 1}, legacy / "checkpoint_last.pt", _use_new_zipfile_serialization=False)
+    assert repair_interrupted_copies(str(legacy)) == []
 
 
 def free_port():

@@ -55,7 +55,8 @@ def test_a_forked_call_has_the_callers_streams_exit_code_folder_and_environment(
 
 def test_what_the_server_cannot_fork_runs_as_a_new_process(served):
     server, script, client, env = served
-    for other_env, command in (({"OMP_NUM_THREADS": "1"}, [*client, script]),  # changes how torch starts
+    other_threads = str(int(os.environ.get("OMP_NUM_THREADS", "1")) + 1)  # not what the server started with
+    for other_env, command in (({"OMP_NUM_THREADS": other_threads}, [*client, script]),  # changes how torch starts
                                ({}, [*client, "-X", "importtime", script]),  # options to the interpreter
                                ({}, [*client[:-1], "env", sys.executable, script])):  # another program
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -370,6 +370,18 @@ def server():
         return _server
 
 
+def shutdown():
+    """End the server (at the end of the test session): it may still be importing, which would keep the session's
+    output pipe open for seconds; its folder (socket, call log) goes with it."""
+    global _server
+    with _server_lock:
+        if _server is not None:
+            _server.process.kill()
+            _server.process.wait()
+            shutil.rmtree(_server.folder, ignore_errors=True)
+            _server = None
+
+
 class ForkedTool:
     """A started tool, with what helpers.finish_cli uses of subprocess.Popen: communicate, returncode."""
 

@@ -2,7 +2,7 @@
 step of incremental decoding, and the gated RMSNorm, each one kernel per direction.
 
 * CPU (float32): ``rela_cpu.cpp``, a C++ extension (ATen, OpenMP through ``at::parallel_for``) compiled by PyTorch's
-  extension tooling on first use (about a minute) and cached (``TORCH_EXTENSIONS_DIR``, by default
+  extension tooling on first use (about half a minute) and cached (``TORCH_EXTENSIONS_DIR``, by default
   ``~/.cache/torch_extensions``); nothing is built at install time. It needs a C++ compiler and ninja
   (``pip install ninja``, or ``rela-fairseq[kernels]``).
 * GPU (float32, fp16, bf16): ``rela_triton.py``, the same functions in Triton (which CUDA builds of PyTorch bring).
@@ -110,7 +110,7 @@ def _build():
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
         name += "_avx2"
-    logger.info("rela_fairseq: loading the fused ReLA CPU kernels (compiled on first use, about a minute, then "
+    logger.info("rela_fairseq: loading the fused ReLA CPU kernels (compiled on first use, about half a minute, then "
                 "cached; --rela-kernel eager skips them)")
     return cpp_extension.load(name=name, sources=[SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                               verbose=False)

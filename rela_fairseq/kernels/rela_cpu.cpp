@@ -15,9 +15,11 @@
 //   y = g * z * rstd [* sigmoid(w * z)],  rstd = 1 / sqrt(mean(z^2) + eps)
 // one pass forward (keeping rstd per row), one pass backward, vectorised by the compiler (exp_approx below).
 
-#include <torch/extension.h>
-
+// ATen and torch's pybind11 casters only: <torch/extension.h> (torch's whole C++ front end) would more than double
+// the time of the first-use compile, which every new environment pays
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cmath>

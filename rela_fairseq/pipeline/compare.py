@@ -28,7 +28,7 @@ from .commands import training_seconds
 from .config import Task, data_fingerprint
 from .evaluate import evaluate
 from .prepare import prepare
-from .train import train
+from .train import repair_interrupted_copies, train
 
 logger = logging.getLogger(__name__)
 REFERENCE = "softmax"
@@ -109,6 +109,7 @@ def _finished_updates(task: Task, system: str, seed: int) -> int | None:
         return None
     if read_json(record).get("data") != data_fingerprint(task):
         return None  # train() explains that the data changed
+    repair_interrupted_copies(checkpoint_dir)
     updates = checkpoint_updates(last)
     return updates if updates >= task["train"]["max_update"] else None
 

@@ -19,6 +19,7 @@ from ..systems import LABELS
 from .commands import generate_command, generation_speed, length_limits, run_fairseq
 from .config import Task
 from .runtime import hardware
+from .train import repair_interrupted_copies
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ def evaluate(task: Task, system: str, seed: int | None = None) -> dict:
     if not os.path.isdir(checkpoint_dir):
         raise RelaFairseqError(f"no checkpoints for {task.name}/{run} in {checkpoint_dir}: run "
                                f"scripts/train.sh {task.name} {system} first")
+    repair_interrupted_copies(checkpoint_dir)  # checkpoint_last.pt can be among the checkpoints averaged
     inputs = newest_checkpoints(checkpoint_dir, settings["average_last"], at_least=1)
     if len(inputs) < settings["average_last"]:
         logger.warning(f"averaging {len(inputs)} checkpoint(s), fewer than the {settings['average_last']} the config "

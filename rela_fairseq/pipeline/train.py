@@ -6,7 +6,8 @@ resume on another number of devices keeps the tokens per update, logs the new sp
 data or another tokens_per_update.
 
 fp16 on GPUs that support it (compute capability 7.0 and newer); ``--cpu`` where there is no GPU. Re-running resumes
-from ``checkpoint_last.pt`` (fairseq's own restore). One node: fairseq starts one process per GPU itself. Several
+from ``checkpoint_last.pt`` (fairseq's own restore), after repairing what a kill during fairseq's checkpoint copies
+leaves behind (``repair_interrupted_copies``). One node: fairseq starts one process per GPU itself. Several
 nodes: start this on every node with NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT set; it runs fairseq through torchrun
 (NCCL). NPROC_PER_NODE forces torchrun with that many processes per node (on CPUs: gloo, for tests).
 """
@@ -16,12 +17,15 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from dataclasses import asdict
 
 from ..errors import RelaConfigError, RelaFairseqError
-from ..files import read_json, write_json
+from ..files import atomic_path, read_json, write_json
 from .commands import BatchSplit, overridden_batch, train_command
 from .config import Task, data_fingerprint
 from .fairseq_tool import command as fairseq_command
@@ -44,6 +48,7 @@ def train(task: Task, system: str, extra_args=(), seed: int | None = None) -> st
     args, split = train_command(task, system, extra_args, hw, seed)
     checkpoint_dir = task.checkpoint_dir(system, seed)
     os.makedirs(checkpoint_dir, exist_ok=True)
+    repair_interrupted_copies(checkpoint_dir)
     record = _check_resume(task, checkpoint_dir, split)
     overridden = overridden_batch(extra_args, split)
     logger.info(f"{task.name}/{task.run_name(system, seed)}: {hw.describe()}, fp16={hw.fp16}")
@@ -67,6 +72,59 @@ def train(task: Task, system: str, extra_args=(), seed: int | None = None) -> st
     if returncode != 0:
         raise TrainingFailed(returncode, log)
     return checkpoint_dir
+
+
+# the files fairseq's checkpoint_utils.save_checkpoint writes: checkpoint{epoch}.pt, checkpoint_{epoch}_{updates}.pt,
+# checkpoint_best.pt, checkpoint.best_{metric}_{value}.pt and checkpoint_last.pt (not ours, e.g. checkpoint_avg2.pt)
+FAIRSEQ_CHECKPOINT = re.compile(r"checkpoint(\d+|_\d+_\d+|_best|\.best_.+|_last)\.pt")
+
+def copy_order(name: str) -> int:
+    """Where a name comes in a save (``save_checkpoint``'s order): the numbered file is only ever written directly;
+    checkpoint_best.pt, the checkpoint.best_* files and checkpoint_last.pt can be copies of the save's first file."""
+    return 0 if re.fullmatch(r"checkpoint(\d+|_\d+_\d+)\.pt", name) else (
+        1 if name == "checkpoint_best.pt" else 2 if name.startswith("checkpoint.best_") else 3)
+
+
+def is_truncated(path: str) -> bool:
+    """Whether ``path`` is a torch.save zip archive cut short (empty, or without its central directory at the end).
+    Files in torch's legacy (pre-zip) format are not judged: fairseq's own load reports those."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"" or (head == b"PK\x03\x04" and not zipfile.is_zipfile(path))
+
+
+def repair_interrupted_copies(checkpoint_dir: str) -> list[str]:
+    """Complete the checkpoint copies a killed fairseq-train left truncated; returns the repaired names.
+
+    fairseq writes the first file of a save atomically (``<name>.tmp``, then a rename), then copies it in place to
+    the save's other names: checkpoint_best.pt, checkpoint.best_* (``--keep-best-checkpoints``) and
+    checkpoint_last.pt (``save_checkpoint``, ``PathManager.copy``). A kill during a copy (preemption, Ctrl-C twice)
+    leaves that file cut short, and fairseq's restore then fails on it. The copy's source is the newest complete
+    checkpoint written before it: the truncated file is kept as ``<name>.truncated`` and replaced by a copy of that
+    source."""
+    names = sorted((name for name in os.listdir(checkpoint_dir) if FAIRSEQ_CHECKPOINT.fullmatch(name)), key=copy_order)
+    repaired = []
+    for target in (name for name in names if copy_order(name) > 0):
+        path = os.path.join(checkpoint_dir, target)
+        if not is_truncated(path):
+            continue
+        written = os.path.getmtime(path)
+        sources = [os.path.join(checkpoint_dir, name) for name in names if name != target]
+        sources = [s for s in sources if os.path.getmtime(s) <= written and not is_truncated(s)]
+        if not sources:
+            raise RelaFairseqError(
+                f"{path} is truncated (fairseq-train was stopped while copying it) and no complete checkpoint "
+                f"written before it is left in {checkpoint_dir} to complete it from; remove it to train from scratch "
+                "or put a complete checkpoint in its place")
+        source = max(sources, key=os.path.getmtime)
+        os.replace(path, path + ".truncated")
+        with atomic_path(path) as tmp:
+            shutil.copyfile(source, tmp)
+        logger.warning(f"{target} was truncated (fairseq-train was stopped while copying it): replaced by a copy of "
+                       f"{os.path.basename(source)}, the save it was copied from; the cut file is kept as "
+                       f"{target}.truncated")
+        repaired.append(target)
+    return repaired
 
 
 def _check_resume(task: Task, checkpoint_dir: str, split: BatchSplit) -> dict:

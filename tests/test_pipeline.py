@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,7 +179,7 @@ def test_a_truncated_copy_is_completed_from_the_save_it_was_copied_from(tmp_path
 
 
 @pytest.mark.one_python
-def test_a_truncated_copy_without_a_source_is_an_error_that_names_it(tmp_path):
+def test_a_truncated_copy_without_a_source_is_an_error_that_names_it(tmp_path, monkeypatch):
     from rela_fairseq.errors import RelaFairseqError
     from rela_fairseq.pipeline.train import repair_interrupted_copies
 
@@ -190,6 +191,20 @@ def test_a_truncated_copy_without_a_source_is_an_error_that_names_it(tmp_path):
                                                    f"checkpoint written before it is left in {folder}"):
             repair_interrupted_copies(str(folder))
         assert (folder / "checkpoint_last.pt").exists() and not (folder / "checkpoint_last.pt.truncated").exists()
+    # a disk that fills up during the repair: the cut file stays where it was, no half-written copy is left
+    full = tmp_path / "full"
+    save_checkpoints(full, ["checkpoint_1_20.pt", "checkpoint_last.pt"], truncated={"checkpoint_last.pt"})
+
+    def no_space(source, target):
+        open(target, "wb").write(b"PK\x03\x04")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        repair_interrupted_copies(str(full))
+    assert sorted(os.listdir(full)) == ["checkpoint_1_20.pt", "checkpoint_last.pt"]
+    monkeypatch.undo()
+
     # torch's legacy (pre-zip) format is not judged: fairseq's own load reports on it
     import torch
 

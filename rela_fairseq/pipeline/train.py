@@ -78,6 +78,7 @@ def train(task: Task, system: str, extra_args=(), seed: int | None = None) -> st
 # checkpoint_best.pt, checkpoint.best_{metric}_{value}.pt and checkpoint_last.pt (not ours, e.g. checkpoint_avg2.pt)
 FAIRSEQ_CHECKPOINT = re.compile(r"checkpoint(\d+|_\d+_\d+|_best|\.best_.+|_last)\.pt")
 
+
 def copy_order(name: str) -> int:
     """Where a name comes in a save (``save_checkpoint``'s order): the numbered file is only ever written directly;
     checkpoint_best.pt, the checkpoint.best_* files and checkpoint_last.pt can be copies of the save's first file."""
@@ -117,9 +118,9 @@ def repair_interrupted_copies(checkpoint_dir: str) -> list[str]:
                 f"written before it is left in {checkpoint_dir} to complete it from; remove it to train from scratch "
                 "or put a complete checkpoint in its place")
         source = max(sources, key=os.path.getmtime)
-        os.replace(path, path + ".truncated")
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp:  # the cut file moves aside only once its replacement is complete
             shutil.copyfile(source, tmp)
+            os.replace(path, path + ".truncated")
         logger.warning(f"{target} was truncated (fairseq-train was stopped while copying it): replaced by a copy of "
                        f"{os.path.basename(source)}, the save it was copied from; the cut file is kept as "
                        f"{target}.truncated")

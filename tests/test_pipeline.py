@@ -179,7 +179,7 @@ def test_a_truncated_copy_is_completed_from_the_save_it_was_copied_from(tmp_path
 
 
 @pytest.mark.one_python
-def test_a_truncated_copy_without_a_source_is_an_error_that_names_it(tmp_path, monkeypatch):
+def test_a_truncated_copy_that_cannot_be_completed_is_an_error_and_loses_nothing(tmp_path, monkeypatch):
     from rela_fairseq.errors import RelaFairseqError
     from rela_fairseq.pipeline.train import repair_interrupted_copies
 

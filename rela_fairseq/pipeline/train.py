@@ -80,10 +80,14 @@ FAIRSEQ_CHECKPOINT = re.compile(r"checkpoint(\d+|_\d+_\d+|_best|\.best_.+|_last)
 
 
 def copy_order(name: str) -> int:
-    """Where a name comes in a save (``save_checkpoint``'s order): the numbered file is only ever written directly;
-    checkpoint_best.pt, the checkpoint.best_* files and checkpoint_last.pt can be copies of the save's first file."""
-    return 0 if re.fullmatch(r"checkpoint(\d+|_\d+_\d+)\.pt", name) else (
-        1 if name == "checkpoint_best.pt" else 2 if name.startswith("checkpoint.best_") else 3)
+    """Where one of fairseq's names comes in a save (``save_checkpoint``'s order): 0 for the numbered file, which is
+    only ever written directly; checkpoint_best.pt, the checkpoint.best_* files and checkpoint_last.pt (1-3) can be
+    copies of the save's first file."""
+    if name == "checkpoint_best.pt":
+        return 1
+    if name.startswith("checkpoint.best_"):
+        return 2
+    return 3 if name == "checkpoint_last.pt" else 0
 
 
 def is_truncated(path: str) -> bool:

@@ -91,6 +91,34 @@ def test_align_rejects_a_gold_set_of_the_wrong_size(rela_checkpoint, toy_bin, tm
     assert f"has 1 lines but the subset has {TINY_SIZES['test']} sentences" in proc.stderr
 
 
+def test_align_reads_word_boundaries_of_unknown_subwords_from_the_subword_text(rela_checkpoint, toy_bin, toy_raw,
+                                                                                 tmp_path):
+    # the toy test set in BPE style, with a subword outside the model's dictionary glued to each sentence's first
+    # word: binarised, it is <unk>, which has lost the "@@" that joins it to that word
+    text = tmp_path / "test.bpe"
+    for side in ("src", "tgt"):
+        lines = (toy_raw / f"test.{side}").read_text().splitlines()
+        with open(f"{text}.{side}", "w") as f:
+            f.writelines(("zq@@ " if side == "src" else "") + line + "\n" for line in lines)
+    data = tmp_path / "bin"
+    run_cli("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--testpref", text, "--srcdict",
+            toy_bin / "dict.src.txt", "--tgtdict", toy_bin / "dict.tgt.txt", "--destdir", data, "--workers", "1")
+    align = ["rela-analyze", "align", "--path", rela_checkpoint, data, "--gold", toy_raw / "test.align",
+             "--segmentation", "bpe", "--output-dir", tmp_path / "out"]
+    refused = run_cli(*align, check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert re.search(r"sentence \d+ has a source subword outside the model's dictionary \(<unk>, position 0\)",
+                     refused.stderr)
+    assert "--subword-text PREFIX" in refused.stderr
+    js = json.loads(run_cli(*align, "--subword-text", text, "--json").stdout)
+    assert js["sentences"] == TINY_SIZES["test"]
+    with open(js["files"]["best_normal"]) as f:
+        for line, gold in zip(f, (toy_raw / "test.align").read_text().splitlines()):
+            # the source words are the gold's: "zq@@ yesterday" is one word, so no link points past the last
+            n_src = max(int(re.split("[-p]", link)[0]) for link in gold.split())
+            assert all(int(link.split("-")[0]) < n_src for link in line.split())
+
+
 def test_plots(rela_checkpoint, toy_bin, tmp_path, analysed):
     out = tmp_path / "plots"
     heat = run_cli("rela-analyze", "plot", "heatmap", "--path", rela_checkpoint, toy_bin, "--sentence", 0, 3,

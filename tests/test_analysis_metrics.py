@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from rela_fairseq.analyze.align import AlignmentCollector, detect_segmentation, hard_links, to_words, word_index
+from rela_fairseq.analyze.align import (
+    AlignmentCollector,
+    SubwordTextError,
+    detect_segmentation,
+    hard_links,
+    read_subword_text,
+    to_words,
+    word_index,
+)
 from rela_fairseq.analyze.forced import ForcedBatch, module_attention_type
 from rela_fairseq.analyze.metrics import AttentionStats, js_per_query, valid_pairs
 
@@ -138,11 +146,13 @@ def test_subword_to_word_mapping_for_both_segmentations():
 
 
 class _Dict:
-    def __init__(self, tokens):
-        self.tokens = tokens
+    unk_word = "<unk>"
+
+    def __init__(self, symbols):
+        self.symbols = symbols
 
     def __getitem__(self, i):
-        return self.tokens[i]
+        return self.symbols[i]
 
 
 def test_collector_excludes_eos_and_padding_and_keeps_sentence_ids():
@@ -160,3 +170,69 @@ def test_collector_excludes_eos_and_padding_and_keeps_sentence_ids():
     assert collector.links[(0, 0, "normal")][7] == {(1, 0)}  # c is in word 1 ("bc")
     assert collector.links[(0, "avg", "normal")][7] == {(1, 0)}
     assert collector.words[7][2] == [0, 1, 1] and collector.words[7][3] == [0, 1]
+
+
+def _diagonal_batch(src_ids, tgt_ids, sid=0):
+    """A one-sentence batch whose cross-attention links target subword i to source subword i (normal rows)."""
+    src = torch.tensor([src_ids + [2]])
+    tgt = torch.tensor([tgt_ids + [2]])
+    prev = torch.tensor([[2] + tgt_ids])
+    attn = torch.zeros(1, 1, len(tgt_ids) + 1, len(src_ids) + 1)
+    for i in range(len(tgt_ids)):
+        attn[0, 0, i, i] = 1.0
+    return ForcedBatch(torch.tensor([sid]), src, prev, tgt, {("cross", 0): attn}, pad=1, eos=2)
+
+
+@pytest.mark.parametrize("segmentation, src_text, src_words", [
+    # "▁Müller" is not in the dictionary: <unk> lost its "▁", and read from the dictionary it would join "▁das"
+    ("spm", ["\u2581das", "\u2581Müller", "\u2581ist"], [0, 1, 2]),
+    # "xy@@" is not in the dictionary: <unk> lost its "@@", and "z" would start a word of its own
+    ("bpe", ["xy@@", "z", "c", "d"], [0, 0, 1, 2]),
+])
+def test_unknown_subwords_take_their_word_boundaries_from_the_subword_text(segmentation, src_text, src_words):
+    words = {"spm": ["\u2581das", "\u2581ist", "\u2581A", "\u2581B", "\u2581C", "\u2581D"],
+             "bpe": ["z", "c", "d", "q@@", "A", "B", "C", "D"]}[segmentation]
+    d = _Dict(["<s>", "<pad>", "</s>", "<unk>"] + words)
+    src_ids = [d.symbols.index(t) if t in d.symbols else 3 for t in src_text]
+    tgt_text = [t for t in words if t.strip("\u2581") in "ABCD"][:len(src_ids)]  # one subword a word
+    batch = _diagonal_batch(src_ids, [d.symbols.index(t) for t in tgt_text])
+    assert 3 in src_ids  # the source has an <unk>
+
+    with pytest.raises(SubwordTextError, match=r"sentence 0 has a source subword outside .*<unk>, position \d.*"
+                                               r"--subword-text PREFIX"):
+        AlignmentCollector(d, d).add(batch)
+
+    collector = AlignmentCollector(d, d, subword_text=([src_text], [tgt_text]))
+    collector.add(batch)
+    assert collector.segmentation == segmentation  # detected from the vocabularies
+    assert collector.words[0][0] == src_text and collector.words[0][2] == src_words
+    expected = {(src_words[i], i) for i in range(len(tgt_text))}
+    assert collector.links[(0, 0, "normal")][0] == expected
+
+
+def test_a_sentence_without_unknown_subwords_needs_no_subword_text():
+    d = _Dict(["<s>", "<pad>", "</s>", "<unk>", "\u2581a", "b"])
+    collector = AlignmentCollector(d, d)
+    collector.add(_diagonal_batch([4, 5, 4], [4, 4]))
+    assert collector.words[0][2] == [0, 0, 1]
+    # with segmentation "none" every subword is a word, <unk> included
+    collector = AlignmentCollector(d, d, segmentation="none")
+    collector.add(_diagonal_batch([4, 3, 4], [4, 4]))
+    assert collector.words[0][2] == [0, 1, 2]
+
+
+def test_subword_text_that_does_not_match_the_subset_is_refused(tmp_path):
+    d = _Dict(["<s>", "<pad>", "</s>", "<unk>", "\u2581a", "b"])
+    collector = AlignmentCollector(d, d, subword_text=([["\u2581a", "b"]], [["\u2581a", "\u2581a"]]))
+    with pytest.raises(SubwordTextError, match="sentence 0 \\(line 1\\) of the subword text has 2 source subwords but "
+                                               "the binarised subset has 3"):
+        collector.add(_diagonal_batch([4, 5, 4], [4, 4]))
+
+    (tmp_path / "t.de").write_text("\u2581a b\n\u2581a\n")
+    (tmp_path / "t.en").write_text("\u2581x\n\u2581y \u2581z\n")
+    assert read_subword_text(str(tmp_path / "t"), ("de", "en"), 2) == ([["\u2581a", "b"], ["\u2581a"]],
+                                                                      [["\u2581x"], ["\u2581y", "\u2581z"]])
+    with pytest.raises(SubwordTextError, match=r"t.de has 2 lines but the subset has 3 sentences"):
+        read_subword_text(str(tmp_path / "t"), ("de", "en"), 3)
+    with pytest.raises(SubwordTextError, match=r"--subword-text .*/u: cannot read .*/u.de \(No such file"):
+        read_subword_text(str(tmp_path / "u"), ("de", "en"), 2)

@@ -11,9 +11,17 @@ pick position 0 there. Subword links become word links (a word pair is aligned i
 sentencepiece (``▁`` starts a word) and subword-nmt BPE (``@@`` continues one). Per layer: every head, and the head
 average. ``swap`` writes (target word, source word) pairs, for gold sets in the other direction (RWTH De-En is
 German-first: an En→De model's links are swapped).
+
+Word boundaries come from the subword strings. A subword outside the model's dictionary is binarised as ``<unk>``,
+which has lost its ``▁`` or ``@@``: its sentence's words are then read from the subword text the subset was binarised
+from (``read_subword_text``), and without that text the collector refuses the sentence rather than miscount its words.
 """
 
+from __future__ import annotations
+
 from collections import defaultdict
+
+from ..errors import RelaFairseqError
 
 SEGMENTATIONS = ("auto", "spm", "bpe", "none")
 
@@ -43,6 +51,30 @@ def word_index(tokens, segmentation):
     return index
 
 
+class SubwordTextError(RelaFairseqError):
+    """The subword text of a subset is missing, or does not match the binarised subset."""
+
+
+def read_subword_text(prefix: str, languages: tuple[str, str], n_sentences: int) -> tuple[list, list]:
+    """(source, target) subword lists of every sentence, from ``PREFIX.SRC`` and ``PREFIX.TGT``: the text given to
+    ``fairseq-preprocess`` as ``--testpref PREFIX`` (or --validpref ...)."""
+    sides = []
+    for lang in languages:
+        path = f"{prefix}.{lang}"
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = [line.split() for line in f]
+        except OSError as exc:
+            raise SubwordTextError(f"--subword-text {prefix}: cannot read {path} ({exc.strerror}); give the prefix of "
+                                   f"the subword text the subset was binarised from ({prefix}.{languages[0]} and "
+                                   f"{prefix}.{languages[1]})") from exc
+        if len(lines) != n_sentences:
+            raise SubwordTextError(f"{path} has {len(lines)} lines but the subset has {n_sentences} sentences: give "
+                                   "the subword text the subset was binarised from")
+        sides.append(lines)
+    return sides[0], sides[1]
+
+
 def hard_links(rows, n_target, shifted):
     """Subword links {(source position, target position)} from cross-attention ``rows`` [T, S'] of one sentence.
 
@@ -67,9 +99,14 @@ def to_words(links, src_words, tgt_words, swap=False):
 class AlignmentCollector:
     """Word links per setting (layer, head or 'avg', 'normal' | 'shifted') and sentence id."""
 
-    def __init__(self, src_dict, tgt_dict, segmentation="auto", swap=False):
+    def __init__(self, src_dict, tgt_dict, segmentation="auto", swap=False, subword_text=None):
+        """``subword_text``: (source, target) subword lists per sentence id (``read_subword_text``), or None to read
+        the subwords from the dictionaries."""
         self.src_dict, self.tgt_dict = src_dict, tgt_dict
+        if segmentation == "auto":  # from the whole vocabularies: a sentence may have no split word to show it
+            segmentation = detect_segmentation([src_dict.symbols, tgt_dict.symbols])
         self.segmentation, self.swap = segmentation, swap
+        self.subword_text = subword_text
         self.links = defaultdict(dict)  # setting -> {sentence id: set of word links}
         self.words = {}  # sentence id -> (source words, target words)
 
@@ -83,10 +120,13 @@ class AlignmentCollector:
             n_target = int((tgt.ne(pad) & tgt.ne(eos)).sum())
             src_tokens = [self.src_dict[int(t)] for t in src[src_positions]]
             tgt_tokens = [self.tgt_dict[int(t)] for t in tgt[:n_target]]
-            segmentation = self.segmentation
-            if segmentation == "auto":
-                segmentation = detect_segmentation([src_tokens, tgt_tokens])
-            src_words, tgt_words = word_index(src_tokens, segmentation), word_index(tgt_tokens, segmentation)
+            if self.subword_text is not None:
+                src_tokens = self._text_tokens(0, sid, src_tokens)
+                tgt_tokens = self._text_tokens(1, sid, tgt_tokens)
+            if self.subword_text is None and self.segmentation != "none":
+                self._refuse_unknown_subwords(sid, src_tokens, self.src_dict, "source")
+                self._refuse_unknown_subwords(sid, tgt_tokens, self.tgt_dict, "target")
+            src_words, tgt_words = word_index(src_tokens, self.segmentation), word_index(tgt_tokens, self.segmentation)
             self.words[sid] = (src_tokens, tgt_tokens, src_words, tgt_words)
             for layer, weights in cross.items():
                 rows = weights[b][:, :, src_positions]  # [H, T, S'] real source subwords only
@@ -96,6 +136,25 @@ class AlignmentCollector:
                     for mode in ("normal", "shifted"):
                         links = hard_links(head_rows, n_target, mode == "shifted")
                         self.links[(layer, head, mode)][sid] = to_words(links, src_words, tgt_words, self.swap)
+
+    def _text_tokens(self, side, sid, binarised):
+        tokens = self.subword_text[side][sid]
+        if len(tokens) != len(binarised):
+            raise SubwordTextError(
+                f"sentence {sid} (line {sid + 1}) of the subword text has {len(tokens)} {('source', 'target')[side]} "
+                f"subwords but the binarised subset has {len(binarised)} ({' '.join(binarised[:8])} ...): give the "
+                "subword text the subset was binarised from")
+        return tokens
+
+    @staticmethod
+    def _refuse_unknown_subwords(sid, tokens, dictionary, side):
+        unk = getattr(dictionary, "unk_word", "<unk>")
+        if unk in tokens:
+            raise SubwordTextError(
+                f"sentence {sid} has a {side} subword outside the model's dictionary ({unk}, position "
+                f"{tokens.index(unk)}), whose word boundary the dictionary lost, so its words cannot be counted; pass "
+                "--subword-text PREFIX, the subword text the subset was binarised from (fairseq-preprocess "
+                "--testpref PREFIX)")
 
     def settings(self):
         return sorted(self.links, key=lambda s: (s[0], s[2], -1 if s[1] == "avg" else s[1]))

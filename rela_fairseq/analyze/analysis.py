@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 from .aer import AlignmentFileError, read_alignments, score
-from .align import AlignmentCollector
+from .align import AlignmentCollector, read_subword_text
 from .forced import forced_batches
 from .metrics import AttentionStats
 
@@ -17,6 +17,7 @@ class AlignmentSettings(NamedTuple):
     gold_index_base: int = 1  # 1 in the standard sets
     swap: bool = False  # the gold has the other direction: write (target, source) pairs
     segmentation: str = "auto"  # subword style for the word mapping (align.SEGMENTATIONS)
+    subword_text: Optional[str] = None  # PREFIX of the subword text the subset was binarised from (PREFIX.SRC, .TGT)
 
 
 class Analysis(NamedTuple):
@@ -36,8 +37,14 @@ def analyse(model, task, subset: str = "test", alignment: AlignmentSettings | No
             progress: bool = True) -> Analysis:
     """Attention statistics of ``subset`` and, with ``alignment``, AER against its gold set, in one pass."""
     stats = AttentionStats()
-    collector = (AlignmentCollector(task.source_dictionary, task.target_dictionary, alignment.segmentation,
-                                    alignment.swap) if alignment else None)
+    collector = None
+    if alignment:
+        text = None
+        if alignment.subword_text:
+            languages = (task.cfg.source_lang, task.cfg.target_lang)
+            text = read_subword_text(alignment.subword_text, languages, len(task.dataset(subset)))
+        collector = AlignmentCollector(task.source_dictionary, task.target_dictionary, alignment.segmentation,
+                                       alignment.swap, text)
     with _progress(task, subset, progress) as bar:
         for batch in forced_batches(model, task, subset, max_tokens):
             for (attention_type, layer), weights in batch.attention.items():

@@ -2,7 +2,7 @@
 Transformer) checkpoints.
 
   rela-analyze attention --path CKPT DATA [--gen-subset test]
-  rela-analyze align     --path CKPT DATA --gold GOLD [--gold-index-base 1] [--swap]
+  rela-analyze align     --path CKPT DATA --gold GOLD [--gold-index-base 1] [--swap] [--subword-text PREFIX]
   rela-analyze aer       GOLD HYP [--gold-index-base 1] [--hyp-index-base 0] [--reverse-gold] [--reverse-hyp]
   rela-analyze plot      {heatmap,stats,aer} ...
 
@@ -93,6 +93,10 @@ def build_parser():
                    help="write links as (target word, source word): the gold has the other direction")
     p.add_argument("--segmentation", choices=SEGMENTATIONS, default="auto",
                    help="subword style for the word mapping (default: detected)")
+    p.add_argument("--subword-text", metavar="PREFIX",
+                   help="the subword text the subset was binarised from (PREFIX.SRC and PREFIX.TGT, as given to "
+                        "fairseq-preprocess --testpref): word boundaries of subwords outside the dictionaries, which "
+                        "<unk> loses; needed when the subset has <unk>")
     p.add_argument("--output-dir", help="where to write the best settings' alignments (default: beside the "
                                         "checkpoint, alignments-<subset>/)")
 
@@ -182,7 +186,7 @@ def _align(args, model, task):
     from .align import links_text
     from .analysis import AlignmentSettings, analyse
 
-    settings = AlignmentSettings(args.gold, args.gold_index_base, args.swap, args.segmentation)
+    settings = AlignmentSettings(args.gold, args.gold_index_base, args.swap, args.segmentation, args.subword_text)
     result = analyse(model, task, args.gen_subset, settings, max_tokens=args.max_tokens, progress=not args.json)
     summary, collector = result.alignment, result.collector
     out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.path)),

@@ -82,8 +82,9 @@ class RelaMultiheadAttention(MultiheadAttention):
         """The compiled ReLA kernels (``kernels``) if this call can use them, else None (the eager path).
 
         Two fused routes: without a key/value cache, the whole core from projected q, k, v (training, the encoder,
-        validation); in incremental decoding, the step from fairseq's scores (no gradients there). Attention weights
-        asked for (analysis, fairseq's alignment layer) take the eager route, whose weights can carry gradients."""
+        validation); in incremental decoding, the step from fairseq's scores (no gradients or dropout there).
+        Attention weights asked for (analysis, fairseq's alignment layer) take the eager route, whose weights can
+        carry gradients."""
         if not isinstance(self.attn_fn, Rela) or before_softmax or self.store_attn:
             return None
         if incremental_state is None:
@@ -91,8 +92,8 @@ class RelaMultiheadAttention(MultiheadAttention):
                 return None
             if not self.self_attention and (key is None or key.size(1) != query.size(1)):
                 return None
-        elif torch.is_grad_enabled():
-            return None
+        elif torch.is_grad_enabled() or (self.dropout_module.apply_during_inference and self.dropout_module.p > 0):
+            return None  # the step kernel has no dropout: gradients, and --retain-dropout, take the eager step
         return kernels.extension_for(query, self.attn_fn.norm.kernel)
 
     def _fused_forward(self, ext, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
@@ -122,17 +123,28 @@ class RelaMultiheadAttention(MultiheadAttention):
 
         Its fused fast path ignores ``before_softmax``, so it is switched off for this call (``skip_embed_dim_check``
         is the one switch that does nothing else). Without a key/value cache the padding mask is applied here, in
-        place: fairseq's own masking copies the scores, and fills -inf where ReLA wants 0."""
-        own_mask = (key_padding_mask is not None and incremental_state is None and self.bias_k is None
-                    and not self.add_zero_attn and (not self.encoder_decoder_attention or self.beam_size == 1))
+        place: fairseq's own masking copies the scores, and fills -inf where ReLA wants 0. For ReLA the causal mask
+        is applied here too: fairseq adds its -inf to the scores, and a future score that overflowed to +inf in fp16
+        would become NaN, where the spec sets a masked score to exactly 0."""
+        plain = self.bias_k is None and not self.add_zero_attn  # fairseq pads neither mask with an extra key
+        own_mask = (key_padding_mask is not None and incremental_state is None and plain
+                    and (not self.encoder_decoder_attention or self.beam_size == 1))
+        own_attn_mask = attn_mask is not None and plain and self.attn_fn.masked_score == 0.0
         skip = self.skip_embed_dim_check
         self.skip_embed_dim_check = True
         try:
             scores, v = super().forward(query, key, value, key_padding_mask=None if own_mask else key_padding_mask,
-                                        incremental_state=incremental_state, need_weights=False,
-                                        static_kv=static_kv, attn_mask=attn_mask, before_softmax=True)
+                                        incremental_state=incremental_state, need_weights=False, static_kv=static_kv,
+                                        attn_mask=None if own_attn_mask else attn_mask, before_softmax=True)
         finally:
             self.skip_embed_dim_check = skip
+        if own_attn_mask:
+            blocked = attn_mask if attn_mask.dtype == torch.bool else torch.isneginf(attn_mask)
+            if attn_mask.dtype != torch.bool:  # an additive bias besides the -inf entries: added as fairseq adds it
+                bias = attn_mask.masked_fill(blocked, 0.0)
+                if bias.any():
+                    scores += bias.to(scores.dtype)
+            scores.masked_fill_(blocked, self.attn_fn.masked_score)
         if own_mask:
             bsz, src_len = key_padding_mask.shape
             scores.view(bsz, -1, scores.size(1), src_len).masked_fill_(

@@ -27,12 +27,24 @@ from fairseq.models.transformer import (
     transformer_iwslt_de_en,
     transformer_vaswani_wmt_en_de_big,
 )
+from fairseq.modules import FairseqDropout
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from torch import nn
 
 from .layers import RelaDecoderLayer, RelaEncoderLayer
 from .rela import RelaNorm, private_generator
 from .settings import RelaTransformerConfig, add_args, flat_namespace, set_defaults
+
+# fairseq names each dropout module after its owner's class, and --retain-dropout-modules picks them by that name:
+# ours answer to the stock Transformer's names, so that a stock list (Monte-Carlo dropout recipes) keeps them too
+# (fairseq 0.12.2 and fairseq-fixed alike; tests/test_models.py compares them with the stock model's)
+STOCK_DROPOUT_NAMES = {
+    "RelaEncoder": "TransformerEncoder",
+    "RelaDecoder": "TransformerDecoder",
+    "RelaEncoderLayer": "TransformerEncoderLayerBase",
+    "RelaDecoderLayer": "TransformerDecoderLayerBase",
+    "RelaMultiheadAttention": "MultiheadAttention",
+}
 
 
 def wrapped(layer: nn.Module, cfg: TransformerConfig) -> nn.Module:
@@ -66,6 +78,8 @@ class RelaTransformerModel(TransformerModel):
         for module in self.modules():
             if isinstance(module, RelaNorm):
                 module.reset_parameters(generator)
+            elif isinstance(module, FairseqDropout):
+                module.module_name = STOCK_DROPOUT_NAMES.get(module.module_name, module.module_name)
 
     @classmethod
     def hub_models(cls) -> dict:

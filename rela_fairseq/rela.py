@@ -44,9 +44,10 @@ GAIN_INITS = ("ones", "xavier")
 def rectify(scores: Tensor, activation: str = "relu") -> Tensor:
     """Steps 3-4: ReLU of the scores.
 
-    Masked scores arrive as exactly 0 (padding, set in place by ``RelaMultiheadAttention``) or as -inf (fairseq's
-    causal mask, and masks kept with the key/value cache in decoding); ReLU maps both to exactly 0 with gradient 0:
-    the spec's "masked score := 0, then ReLU". ``relu2`` is the squared ReLU of the ablations.
+    Masked scores arrive as exactly 0 (padding and the causal mask, set in place by ``RelaMultiheadAttention``) or,
+    in incremental decoding, as -inf (fairseq fills the padding of the cached keys itself, replacing the score, so no
+    inf - inf arises); ReLU maps both to exactly 0 with gradient 0: the spec's "masked score := 0, then ReLU".
+    ``relu2`` is the squared ReLU of the ablations.
     """
     weights = F.relu(scores)
     if activation == "relu2":

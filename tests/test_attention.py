@@ -75,6 +75,19 @@ def test_causal_mask_gives_exact_zeros_and_matches_plain_reference():
     torch.testing.assert_close(out.transpose(0, 1), ref_out, rtol=1e-5, atol=1e-5)
 
 
+def test_a_boolean_attn_mask_masks_where_true_on_every_route():
+    """True = masked, as torch's attention masks (fairseq's own code would add True as +1)."""
+    future = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    causal = torch.zeros(5, 5).masked_fill(future, float("-inf"))
+    x = torch.randn(5, 2, EMBED)
+    for kernel in ("eager", "auto"):
+        module = make_attention("rela", rela_kernel=kernel)
+        expected = self_attend(module, x, attn_mask=causal, need_weights=False)[0]
+        torch.testing.assert_close(self_attend(module, x, attn_mask=future, need_weights=False)[0], expected)
+    weights = self_attend(module, x, attn_mask=future, need_head_weights=True)[1]
+    assert (weights[..., future] == 0).all() and (weights[..., ~future] > 0).any()
+
+
 @pytest.mark.parametrize("variant", ["gated", "init"])
 @pytest.mark.parametrize("norm,scope", [("rms", "all"), ("rms", "head"), ("layer", "all"), ("none", "all")])
 def test_output_matches_plain_reference(variant, norm, scope):
@@ -166,6 +179,25 @@ def test_null_row_in_fp16_is_finite_and_norm_runs_in_fp32():
     # the norm of an all-zero row is 0 / sqrt(1e-8) = 0 computed in fp32; in fp16 1e-8 would underflow to 0
     heads = torch.zeros(1, 1, EMBED, dtype=torch.float16)
     assert torch.isfinite(module.attn_fn.norm(heads)).all()
+
+
+@pytest.mark.skipif(not _fp16_supported(), reason="this machine's torch has no fp16 matmul")
+def test_a_future_score_that_overflows_in_fp16_is_masked_to_zero_not_nan():
+    """Spec step 3: a masked score becomes exactly 0. fairseq adds its causal mask (-inf) to the scores: a future
+    score that overflowed to +inf in fp16 would become NaN there, and ReLU(NaN) is NaN."""
+    module = make_attention("rela", heads=1, rela_kernel="eager")
+    with torch.no_grad():
+        for proj in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
+            proj.weight.copy_(torch.eye(EMBED))
+            proj.bias.zero_()
+    module = module.half()
+    x = torch.zeros(2, 1, EMBED, dtype=torch.float16)
+    x[0, 0, 0], x[1, 0, 0] = 30.0, 60000.0  # q0 · k1 / 4 = 450,000: +inf in fp16, and position 1 is in q0's future
+    causal = torch.triu(torch.full((2, 2), float("-inf")), 1).half()
+    with torch.no_grad():
+        out, weights = self_attend(module, x, attn_mask=causal, need_head_weights=True)
+    assert weights[0, 0, 0, 1] == 0 and torch.isfinite(weights[0, 0, 0]).all()
+    assert torch.isfinite(out[0]).all()
 
 
 def test_rela_i_is_invariant_to_scaling_v_proj_because_the_norm_spans_all_heads():

@@ -304,6 +304,40 @@ def test_decoding_step_equals_eager(ext, layout, beam, activation):
     check_decoding_step(ext, "cpu", layout, beam, activation)
 
 
+def test_retained_dropout_in_decoding_takes_the_eager_step(ext):
+    """fairseq-generate --retain-dropout keeps attention dropout at inference (Monte-Carlo dropout); the step kernel
+    has none, so such a step runs eagerly and draws the same dropout as the eager model."""
+    modules = {kernel: make_attention("rela", rela_kernel=kernel) for kernel in ("fused", "eager")}
+    x = torch.randn(3, 2, EMBED)
+    outputs = {}
+    for kernel, module in modules.items():
+        module.dropout_module.p = 0.5
+        module.dropout_module.make_generation_fast_("test", retain_dropout=True)
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            state = {}
+            with torch.no_grad():
+                steps = [module(x[t:t + 1], x[t:t + 1], x[t:t + 1], incremental_state=state)[0] for t in range(3)]
+            outputs[kernel, seed] = torch.cat(steps)
+    assert not torch.equal(outputs["eager", 0], outputs["eager", 1])  # dropout is on
+    for seed in (0, 1):
+        torch.testing.assert_close(outputs["fused", seed], outputs["eager", seed], **TOL)
+
+
+def test_autocast_takes_the_eager_route(ext):
+    """Under autocast (fairseq's --amp) the input is float32 but the projections that feed the kernels are not."""
+    auto, eager = make_attention("rela", rela_kernel="auto"), make_attention("rela", rela_kernel="eager")
+    x = torch.randn(4, 2, EMBED)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(auto(x, x, x, need_weights=False)[0], eager(x, x, x, need_weights=False)[0])
+        states = ({}, {})
+        with torch.no_grad():
+            for t in range(2):
+                step = x[t:t + 1]
+                torch.testing.assert_close(auto(step, step, step, incremental_state=states[0])[0],
+                                           eager(step, step, step, incremental_state=states[1])[0])
+
+
 class KernelSpy:
     """The compiled module, counting which of its kernels are called."""
 

@@ -77,6 +77,21 @@ def test_softmax_has_the_stock_parameters_and_initialisation():
         assert torch.equal(p, rela[name]), name
 
 
+def test_retain_dropout_modules_takes_the_stock_names():
+    """fairseq-generate --retain-dropout-modules picks dropout modules by their owner's class name; a list written
+    for the stock Transformer (Monte-Carlo dropout recipes) keeps ours too."""
+    from fairseq.modules import FairseqDropout
+
+    def names(model):
+        return {m.module_name for m in model.modules() if isinstance(m, FairseqDropout)}
+
+    stock = build_model("transformer_tiny", task=TASK, no_dropout=False)
+    model = build_model(task=TASK, no_dropout=False)
+    assert names(model) == names(stock)
+    model.make_generation_fast_(retain_dropout=True, retain_dropout_modules=sorted(names(stock)))
+    assert all(m.apply_during_inference for m in model.modules() if isinstance(m, FairseqDropout))
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_stock_state_dict_gives_identical_outputs_with_softmax(train):
     stock, plugin = stock_and_plugin_softmax()

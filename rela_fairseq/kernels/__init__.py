@@ -128,19 +128,27 @@ def selected(kernel: str) -> str:
 def extension_for(x: Tensor, kernel: str):
     """The fused kernels to run on ``x`` under ``--rela-kernel kernel``, or None for the eager path.
 
-    ``auto`` and ``fused`` both run tensors the kernels do not take (float64 anywhere, fp16 and bf16 on a CPU) eagerly;
-    ``fused`` differs in refusing to run when this device's kernels cannot be loaded."""
+    ``auto`` and ``fused`` both run tensors the kernels do not take (float64 anywhere, fp16 and bf16 on a CPU) eagerly,
+    and so everything under autocast (fairseq's ``--amp``), where ``x`` is float32 but the projections that feed the
+    kernels are not; ``fused`` differs in refusing to run when this device's kernels cannot be loaded."""
     choice = selected(kernel)
     if choice == "eager":
         return None
     backend = BACKENDS.get(x.device.type)
-    if backend is None or x.dtype not in backend.dtypes:
+    if backend is None or x.dtype not in backend.dtypes or _autocast_enabled(x.device.type):
         return None
     ext = backend.load()
     if ext is None and choice == "fused":
         raise KernelUnavailable(f"--rela-kernel fused: the fused ReLA kernels are unavailable ({backend.failure}); "
                                 f"use --rela-kernel auto or eager (or set {ENV_VAR}=eager)")
     return ext
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def norm_supported(ext, width: int, embed_dim: int) -> bool:
@@ -177,7 +185,7 @@ def fused_attention(ext, q: Tensor, k: Tensor, v: Tensor, *, heads: int, scale: 
         padding = padding.to(torch.bool).contiguous()
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros(attn_mask.shape).masked_fill_(attn_mask, float("-inf"))
+            attn_mask = torch.zeros(attn_mask.shape, device=attn_mask.device).masked_fill_(attn_mask, float("-inf"))
         attn_mask = attn_mask.to(torch.float32).contiguous()
     return FusedAttention.apply(ext, q, k, v, padding, attn_mask, heads, float(scale), squared, float(dropout), seed)
 

@@ -36,11 +36,12 @@ def checkpoint_updates(path: str) -> int:
 
 
 def newest_checkpoints(directory: str, n: int, kinds=("update", "epoch", "last"), upper_bound: int | None = None,
-                       at_least: int | None = None) -> list[str]:
+                       at_least: int | None = None, every: int | None = None) -> list[str]:
     """The ``n`` checkpoints of the given kinds with the most updates, newest first (ranked by the number of updates
     stored in each: fairseq writes no update checkpoint at an epoch end, so the newest states may be in epoch
     checkpoints or only in checkpoint_last.pt; each state counts once). ``upper_bound`` ignores checkpoints whose name
-    carries a larger update or epoch number. Fewer than ``at_least`` (default ``n``) found is an error."""
+    carries a larger update or epoch number; ``every`` keeps only states saved at a multiple of that many updates.
+    Fewer than ``at_least`` (default ``n``) found is an error."""
     by_updates: dict[int, str] = {}
     for name in sorted(os.listdir(directory)):
         for kind in kinds:
@@ -50,11 +51,15 @@ def newest_checkpoints(directory: str, n: int, kinds=("update", "epoch", "last")
             if upper_bound is not None and match.groups() and int(match.group(1)) > upper_bound:
                 continue
             path = os.path.join(directory, name)
-            by_updates.setdefault(checkpoint_updates(path), path)
+            updates = checkpoint_updates(path)
+            if not every or updates % every == 0:
+                by_updates.setdefault(updates, path)
     paths = [by_updates[u] for u in sorted(by_updates, reverse=True)[:n]]
     if len(paths) < (n if at_least is None else at_least):
-        raise RelaFairseqError(f"{directory} holds {len(paths)} {'/'.join(kinds)} checkpoint(s), fewer than the {n} "
-                               f"to average (found: {', '.join(os.path.basename(p) for p in paths) or 'none'})")
+        found = ", ".join(os.path.basename(p) for p in paths) or "none"
+        raise RelaFairseqError(f"{directory} holds {len(paths)} {'/'.join(kinds)} checkpoint(s)"
+                               f"{f' saved at a multiple of {every} updates' if every else ''}, fewer than the {n} to "
+                               f"average (found: {found})")
     return paths
 
 

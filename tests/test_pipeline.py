@@ -222,6 +222,36 @@ def free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.one_python
+def test_evaluate_averages_the_interval_saves_as_the_authors_toolkit(tmp_path, caplog):
+    """zero averages its last 5 saves, made every 5,000 steps; fairseq also saves at each epoch's end, and with
+    epochs shorter than the interval the newest states of any kind would span a fraction of that window."""
+    import torch
+
+    from rela_fairseq.pipeline.evaluate import checkpoints_to_average
+
+    # saves every 100 updates (3 kept), epochs of 70 updates (checkpoint6.pt ends epoch 6 at 420 updates), and an
+    # epoch that ends exactly at 600 updates, where fairseq writes the epoch checkpoint only
+    updates = {"checkpoint_5_300.pt": 300, "checkpoint5.pt": 350, "checkpoint_6_400.pt": 400, "checkpoint6.pt": 420,
+               "checkpoint7.pt": 490, "checkpoint_8_500.pt": 500, "checkpoint8.pt": 560, "checkpoint9.pt": 600,
+               "checkpoint_last.pt": 600}
+    for name, n in updates.items():
+        torch.save({"optimizer_history": [{"num_updates": n}], "model": {}}, tmp_path / name)
+
+    def names(paths):
+        return [os.path.basename(p) for p in paths]
+
+    assert names(checkpoints_to_average(str(tmp_path), 3, 100)) == ["checkpoint9.pt", "checkpoint_8_500.pt",
+                                                                    "checkpoint_6_400.pt"]
+    # no interval: the newest states of any kind, each once
+    assert names(checkpoints_to_average(str(tmp_path), 3, 0)) == ["checkpoint9.pt", "checkpoint8.pt",
+                                                                  "checkpoint_8_500.pt"]
+    # a run shorter than one interval: the newest of any kind, with a warning that says so
+    with caplog.at_level("WARNING"):
+        assert names(checkpoints_to_average(str(tmp_path), 2, 5000)) == ["checkpoint9.pt", "checkpoint8.pt"]
+    assert "no checkpoint in" in caplog.text and "multiple of 5000 updates" in caplog.text
+
+
 def test_resume_on_another_device_count_keeps_tokens_per_update(quick_root):
     """ReLA-i (the plugin's attention under data-parallel training), on the toy data the tests above prepared."""
     env = script_env(quick_root, QUICK=1)

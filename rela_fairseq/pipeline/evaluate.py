@@ -78,6 +78,21 @@ def score(task, hyps, refs):
     return result
 
 
+def checkpoints_to_average(checkpoint_dir: str, n: int, interval: int | None) -> list[str]:
+    """The last ``n`` states saved every ``interval`` updates, as the authors' toolkit averages the last 5 of its
+    saves every 5,000 steps (bzhangGo/zero main.py L351-352, scripts/checkpoint_averaging.py). fairseq also saves at
+    every epoch's end: with epochs shorter than the interval, the newest n states of any kind would span a fraction of
+    the window (WMT16 Ro-En: about 3K updates instead of 20K). Without such states (a run shorter than one interval,
+    or none set), the newest states of any kind."""
+    if interval:
+        try:
+            return newest_checkpoints(checkpoint_dir, n, at_least=1, every=interval)
+        except RelaFairseqError:
+            logger.warning(f"no checkpoint in {checkpoint_dir} was saved at a multiple of {interval} updates "
+                           "(save_interval_updates): averaging the newest checkpoints of any kind")
+    return newest_checkpoints(checkpoint_dir, n, at_least=1)
+
+
 def evaluate(task: Task, system: str, seed: int | None = None) -> dict:
     import fairseq
     import sacrebleu
@@ -90,7 +105,8 @@ def evaluate(task: Task, system: str, seed: int | None = None) -> dict:
         raise RelaFairseqError(f"no checkpoints for {task.name}/{run} in {checkpoint_dir}: run "
                                f"scripts/train.sh {task.name} {system} first")
     repair_interrupted_copies(checkpoint_dir)  # checkpoint_last.pt can be among the checkpoints averaged
-    inputs = newest_checkpoints(checkpoint_dir, settings["average_last"], at_least=1)
+    interval = task["train"].get("save_interval_updates")
+    inputs = checkpoints_to_average(checkpoint_dir, settings["average_last"], interval)
     if len(inputs) < settings["average_last"]:
         logger.warning(f"averaging {len(inputs)} checkpoint(s), fewer than the {settings['average_last']} the config "
                        "asks for")

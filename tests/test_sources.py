@@ -214,6 +214,102 @@ def test_checkpoints_of_stale_data_are_refused(tmp_path, monkeypatch):
         train_module.train(task, "rela_i")
 
 
+def test_checkpoints_of_another_vocabulary_from_the_same_settings_are_refused(tmp_path, monkeypatch):
+    """The fingerprint says what the data was made from; a vocabulary that came out otherwise from the same settings
+    (the data folder prepared again elsewhere) is caught by the digest of the dictionaries and sentencepiece model,
+    by training, evaluation and compare alike. run.json files written before the digest are judged as before."""
+    import json
+
+    import torch
+
+    from rela_fairseq.pipeline import compare
+    from rela_fairseq.pipeline import train as train_module
+    from rela_fairseq.pipeline.evaluate import evaluate
+    from rela_fairseq.pipeline.prepare import prepare
+
+    for name, value in (("RELA_CONFIG_DIR", copy_configs(tmp_path)), ("DATA_ROOT", tmp_path / "data"),
+                        ("CHECKPOINT_ROOT", tmp_path / "checkpoints")):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(train_module, "run_logged", lambda cmd, log: 0)
+    task = load_task("toy", quick=True)
+    prepare(task)
+    checkpoint_dir = train_module.train(task, "rela_i")
+    torch.save({"optimizer_history": [{"num_updates": 30}]}, os.path.join(checkpoint_dir, "checkpoint_last.pt"))
+    assert compare._finished_updates(task, "rela_i", 1) == 30
+    record = json.loads(open(os.path.join(checkpoint_dir, "run.json")).read())
+    assert record["data_files"] and record["data"]
+
+    # the same settings, another vocabulary: two dictionary entries trade places
+    dictionary = tmp_path / "data" / "toy-quick" / "bin" / "dict.src.txt"
+    lines = dictionary.read_text().splitlines(keepends=True)
+    dictionary.write_text("".join([lines[1], lines[0], *lines[2:]]))
+    with pytest.raises(RelaConfigError, match=r"the data of toy changed since the checkpoints in .* no longer fit"):
+        train_module.train(task, "rela_i")
+    with pytest.raises(RelaConfigError, match=r"the data of toy changed .* prepare the data as it was to evaluate"):
+        evaluate(task, "rela_i")
+    assert compare._finished_updates(task, "rela_i", 1) is None  # trained again, where train() says why
+
+    # a record from before the digest: the fingerprint alone decides, and the resume records the digest
+    del record["data_files"]
+    with open(os.path.join(checkpoint_dir, "run.json"), "w") as f:
+        json.dump(record, f)
+    train_module.train(task, "rela_i")
+    assert json.loads(open(os.path.join(checkpoint_dir, "run.json")).read())["data_files"]
+
+
+def test_a_step_after_one_that_ran_again_runs_again(tmp_path, caplog):
+    """A step whose record was lost (an interrupted re-run) runs again with the same settings and may write other
+    files (sentencepiece from a sample): the steps after it must not keep what they made from the earlier files."""
+    from rela_fairseq.pipeline.prepare import Steps
+
+    ran = []
+    for _ in range(2):
+        steps = Steps(str(tmp_path))
+        for step in ("sentencepiece", "encode"):
+            steps.run(step, lambda step=step: ran.append(step), {"setting": 1})
+    assert ran == ["sentencepiece", "encode"]  # the second run skipped both
+    os.remove(tmp_path / "sentencepiece.done")
+    steps = Steps(str(tmp_path))
+    with caplog.at_level("WARNING"):
+        for step in ("sentencepiece", "encode"):
+            steps.run(step, lambda step=step: ran.append(step), {"setting": 1})
+    assert ran[2:] == ["sentencepiece", "encode"]
+    assert "[encode] running again: [sentencepiece], which it is made from, was run again" in caplog.text
+
+
+def test_sentencepiece_learns_the_same_vocabulary_from_a_sample_in_every_run(tmp_path):
+    """sentencepiece's own sampling (input_sentence_size below the corpus) draws differently in every process; the
+    pipeline draws the sample itself, with a fixed seed."""
+    configs = copy_configs(tmp_path)
+    edit_yaml(configs / "toy.yaml", lambda c: c["quick"]["sentencepiece"].update(input_sentence_size=300))
+    vocabularies = []
+    for run in ("a", "b"):
+        env = script_env(tmp_path / run, QUICK=1, RELA_CONFIG_DIR=configs)
+        log = run_script("prepare.sh", "toy", env=env).stderr
+        assert "sentencepiece learns from 300 of the 1600 training lines, drawn with seed 1" in log
+        spm_dir = tmp_path / run / "data" / "toy-quick" / "spm"
+        assert not (spm_dir / "sample.txt").exists()
+        vocabularies.append((spm_dir / "spm.vocab").read_text())
+    assert vocabularies[0] == vocabularies[1]
+
+
+def test_the_sentencepiece_sample_is_drawn_with_a_fixed_seed(tmp_path):
+    from rela_fairseq.pipeline.prepare import sentencepiece_sample
+
+    inputs = [tmp_path / "train.de", tmp_path / "train.en"]
+    for lang, path in zip(("de", "en"), inputs):
+        path.write_text("".join(f"{lang} {i}\n" for i in range(50)))
+    inputs = [str(p) for p in inputs]
+    assert sentencepiece_sample(inputs, 100, str(tmp_path / "s")) == inputs  # the whole corpus fits
+    assert sentencepiece_sample(inputs, 0, str(tmp_path / "s")) == inputs
+    samples = []
+    for name in ("s1", "s2"):
+        assert sentencepiece_sample(inputs, 30, str(tmp_path / name)) == [str(tmp_path / name)]
+        samples.append((tmp_path / name).read_text().splitlines())
+    assert samples[0] == samples[1] and len(samples[0]) == len(set(samples[0])) == 30
+    assert {line.split()[0] for line in samples[0]} == {"de", "en"}  # drawn from both sides
+
+
 @pytest.mark.parametrize("where,edit,message", [
     ("train", lambda c: c["train"].update(warmup_update=8000),
      "unknown key 'train.warmup_update'; accepted keys under 'train': arch, tokens_per_update"),

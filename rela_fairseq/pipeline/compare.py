@@ -25,7 +25,7 @@ from ..averaging import checkpoint_updates
 from ..files import read_json, write_json
 from ..systems import LABELS
 from .commands import training_seconds
-from .config import Task, data_fingerprint
+from .config import Task, data_changed
 from .evaluate import evaluate
 from .prepare import prepare
 from .train import repair_interrupted_copies, train
@@ -107,7 +107,7 @@ def _finished_updates(task: Task, system: str, seed: int) -> int | None:
     record = os.path.join(checkpoint_dir, "run.json")
     if not (os.path.exists(last) and os.path.exists(record)):
         return None
-    if read_json(record).get("data") != data_fingerprint(task):
+    if data_changed(task, read_json(record)):
         return None  # train() explains that the data changed
     repair_interrupted_copies(checkpoint_dir)
     updates = checkpoint_updates(last)

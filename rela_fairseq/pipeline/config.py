@@ -321,6 +321,36 @@ def data_fingerprint(task: Task) -> str | None:
         return json.load(f)["fingerprint"]
 
 
+def data_files_digest(task: Task) -> str | None:
+    """A digest of what training reads and decoding writes with: the binarised data's dictionaries and its copy of
+    the sentencepiece model. The fingerprint says what the data was made from; this says what it is (sentencepiece
+    can give another vocabulary from the same settings), or None if the data is not binarised."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in (f"dict.{task.src}.txt", f"dict.{task.tgt}.txt", "spm.model"):
+        path = os.path.join(task.bin_dir, name)
+        if not os.path.exists(path):
+            return None
+        with open(path, "rb") as f:
+            digest.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()
+
+
+def data_record(task: Task) -> dict:
+    """What run.json records of the data a run was trained on."""
+    return {"data": data_fingerprint(task), "data_files": data_files_digest(task)}
+
+
+def data_changed(task: Task, record: dict) -> bool:
+    """Whether the task's data differs from what ``record`` (run.json) was trained on. Records written before
+    ``data_files`` existed are judged by the fingerprint alone."""
+    current = data_record(task)
+    if record.get("data") != current["data"]:
+        return True
+    return record.get("data_files") is not None and record["data_files"] != current["data_files"]
+
+
 def item_download(item: dict, side: str) -> str | None:
     """The download one side of a config item reads: ``<side>_download``, else ``download``."""
     return item.get(f"{side}_download") or item.get("download")

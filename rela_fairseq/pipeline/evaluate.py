@@ -14,12 +14,12 @@ import re
 
 from ..averaging import average_checkpoints, newest_checkpoints, save_atomically
 from ..errors import RelaFairseqError
-from ..files import read_lines, write_json, write_lines
+from ..files import read_json, read_lines, write_json, write_lines
 from ..systems import LABELS
 from .commands import generate_command, generation_speed, length_limits, run_fairseq
 from .config import Task
 from .runtime import hardware
-from .train import repair_interrupted_copies
+from .train import check_data_unchanged, repair_interrupted_copies
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,11 @@ def decode(task: Task, checkpoint: str, settings: dict, hw) -> tuple[list[str], 
 def detokenise(task, pieces_lines):
     import sentencepiece as spm
 
-    model = spm.SentencePieceProcessor(model_file=task.path("spm", "spm.model"))
+    # the binarised data's own copy: spm/spm.model is replaced first when the data is prepared again
+    model_file = os.path.join(task.bin_dir, "spm.model")
+    if not os.path.exists(model_file):  # prepared before the copy existed
+        model_file = task.path("spm", "spm.model")
+    model = spm.SentencePieceProcessor(model_file=model_file)
     return [model.decode_pieces(line.split()) for line in pieces_lines]
 
 
@@ -104,6 +108,10 @@ def evaluate(task: Task, system: str, seed: int | None = None) -> dict:
     if not os.path.isdir(checkpoint_dir):
         raise RelaFairseqError(f"no checkpoints for {task.name}/{run} in {checkpoint_dir}: run "
                                f"scripts/train.sh {task.name} {system} first")
+    run_record = os.path.join(checkpoint_dir, "run.json")
+    if os.path.exists(run_record):  # decoding with other dictionaries would score nonsense, or fail only by luck
+        check_data_unchanged(task, checkpoint_dir, read_json(run_record),
+                             "prepare the data as it was to evaluate them, or train again")
     repair_interrupted_copies(checkpoint_dir)  # checkpoint_last.pt can be among the checkpoints averaged
     interval = task["train"].get("save_interval_updates")
     inputs = checkpoints_to_average(checkpoint_dir, settings["average_last"], interval)

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from ..errors import RelaConfigError, RelaFairseqError
 from ..files import atomic_path, read_json, write_json
 from .commands import BatchSplit, overridden_batch, train_command
-from .config import Task, data_fingerprint
+from .config import Task, data_changed, data_record
 from .fairseq_tool import command as fairseq_command
 from .fairseq_tool import prefix as tool_prefix
 from .runtime import hardware, tool
@@ -132,11 +132,18 @@ def repair_interrupted_copies(checkpoint_dir: str) -> list[str]:
     return repaired
 
 
+def check_data_unchanged(task: Task, checkpoint_dir: str, record: dict, start_over: str) -> None:
+    """Refuse checkpoints trained on other data than the task's now (``record``: their run.json)."""
+    if data_changed(task, record):
+        raise RelaConfigError(f"the data of {task.name} changed since the checkpoints in {checkpoint_dir} were "
+                              "trained (it was prepared again, with other settings or into another vocabulary): they "
+                              f"no longer fit it; {start_over}")
+
+
 def _check_resume(task: Task, checkpoint_dir: str, split: BatchSplit) -> dict:
     """The run record of ``checkpoint_dir`` (new, or the one being resumed after checking that it still fits)."""
-    fingerprint = data_fingerprint(task)
     path = os.path.join(checkpoint_dir, "run.json")
-    record = {"task": task.name, "quick": task.quick, "data": fingerprint,
+    record = {"task": task.name, "quick": task.quick, **data_record(task),
               "tokens_per_update": split.tokens_per_update, "history": []}
     has_checkpoint = os.path.exists(os.path.join(checkpoint_dir, "checkpoint_last.pt"))
     if not os.path.exists(path) or not has_checkpoint:
@@ -144,10 +151,7 @@ def _check_resume(task: Task, checkpoint_dir: str, split: BatchSplit) -> dict:
     previous = read_json(path)
     start_over = (f"remove {checkpoint_dir} (or set CHECKPOINT_ROOT elsewhere) to train from scratch, or restore "
                   "the earlier settings to resume")
-    if previous.get("data") != fingerprint:
-        raise RelaConfigError(f"the data of {task.name} changed since the checkpoints in {checkpoint_dir} were "
-                              f"trained (it was prepared again with other settings): they no longer fit it; "
-                              f"{start_over}")
+    check_data_unchanged(task, checkpoint_dir, previous, start_over)
     if previous.get("tokens_per_update") != split.tokens_per_update:
         raise RelaConfigError(f"tokens_per_update is {split.tokens_per_update} in the config but the checkpoints in "
                               f"{checkpoint_dir} were trained with {previous.get('tokens_per_update')}; {start_over}")

@@ -158,6 +158,17 @@ def test_too_many_devices_is_a_clear_error():
         split_batch(25000, 6250, 512, min_tokens=251)
 
 
+def test_normalisation_keeps_words_apart():
+    from rela_fairseq.pipeline.corpora import normalise
+
+    # control characters separate words (Moses' remove-non-printing-char.perl makes them spaces); deleting them glued
+    # "Haus" and "und"
+    for control in ("\r", "\x0b", "\x0c", "\x1f", "\x85", "\x00"):
+        assert normalise(f"Haus{control}und  Hof") == "Haus und Hof", repr(control)
+    # zero-width space and byte-order mark stand between letters; NFC composes
+    assert normalise("\ufeffStra\u200bße u\u0308ber\t alles ") == "Straße über alles"
+
+
 # --------------------------------------------------------------------------- no silent staleness, no silent typos
 
 def copy_configs(tmp_path):

@@ -29,10 +29,13 @@ import zipfile
 from ..errors import RelaFairseqError
 
 FORMATS = ("text", "sgml", "xml", "tags", "bitext", "tsv")
-NORMALISATION_VERSION = 1  # recorded by prepare's extract step: raise it when read_side or normalise change
+NORMALISATION_VERSION = 2  # recorded by prepare's extract step: raise it when read_side or normalise change
 _SEG = re.compile(r"<seg.*?>(.*)</seg>.*?")
 _KEPT_TAG = re.compile(r"^<(title|description)>(.*)</\1>$")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff]")
+# control characters (\r, form feed, NEL, ...) separate words: a space, as Moses' remove-non-printing-char.perl
+# (which fairseq's WMT recipes run) makes them; zero-width space and byte-order mark stand between letters: removed
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_INVISIBLE = re.compile(r"[\u200b\ufeff]")
 
 
 class CorpusError(RelaFairseqError):
@@ -148,7 +151,7 @@ def read_parallel(src_path, tgt_path, item):
 
 
 def normalise(line):
-    """Unicode NFC, no control characters, single spaces."""
+    """Unicode NFC, control characters as spaces, no zero-width spaces, single spaces."""
     line = unicodedata.normalize("NFC", line)
-    line = _CONTROL.sub("", line)
+    line = _INVISIBLE.sub("", _CONTROL.sub(" ", line))
     return " ".join(line.split())

@@ -268,6 +268,42 @@ def test_checkpoints_of_another_vocabulary_from_the_same_settings_are_refused(tm
     assert json.loads(open(os.path.join(checkpoint_dir, "run.json")).read())["data_files"]
 
 
+def test_compare_reuses_a_result_only_under_the_same_evaluate_settings(tmp_path, monkeypatch, caplog):
+    import json
+
+    from rela_fairseq.pipeline import compare
+
+    for name, value in (("RELA_CONFIG_DIR", copy_configs(tmp_path)), ("DATA_ROOT", tmp_path / "data"),
+                        ("CHECKPOINT_ROOT", tmp_path / "checkpoints"), ("RESULTS_ROOT", tmp_path / "results")):
+        monkeypatch.setenv(name, str(value))
+    task = load_task("toy", quick=True)
+    os.makedirs(task.checkpoint_dir("softmax"))
+    open(os.path.join(task.checkpoint_dir("softmax"), "checkpoint_last.pt"), "w").close()
+    evaluations = []
+
+    def fake_evaluate(task, system, seed=None):  # what evaluate() records of its settings
+        evaluations.append(dict(task["evaluate"]))
+        result = {"system": system, "evaluate_settings": task["evaluate"]}
+        os.makedirs(os.path.dirname(task.result_path(system, seed)), exist_ok=True)
+        with open(task.result_path(system, seed), "w") as f:
+            json.dump(result, f)
+        return result
+
+    monkeypatch.setattr(compare, "evaluate", fake_evaluate)
+    compare._evaluate_if_needed(task, "softmax", 1, force=False)
+    compare._evaluate_if_needed(task, "softmax", 1, force=False)
+    assert len(evaluations) == 1  # reused
+    beam, task["evaluate"]["beam"] = task["evaluate"]["beam"], 5
+    with caplog.at_level("INFO"):
+        compare._evaluate_if_needed(task, "softmax", 1, force=False)
+    assert len(evaluations) == 2 and evaluations[-1]["beam"] == 5
+    assert f"evaluating again, the evaluate settings changed (beam: {beam} -> 5)" in caplog.text
+    with open(task.result_path("softmax", 1), "w") as f:  # a result written before the settings were recorded
+        json.dump({"system": "softmax", "generation": {"beam": 5, "lenpen": 0.6}}, f)
+    compare._evaluate_if_needed(task, "softmax", 1, force=False)
+    assert len(evaluations) == 3
+
+
 def test_a_step_after_one_that_ran_again_runs_again(tmp_path, caplog):
     """A step whose record was lost (an interrupted re-run) runs again with the same settings and may write other
     files (sentencepiece from a sample): the steps after it must not keep what they made from the earlier files."""

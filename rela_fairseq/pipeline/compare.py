@@ -27,7 +27,7 @@ from ..systems import LABELS
 from .commands import training_seconds
 from .config import Task, data_changed
 from .evaluate import evaluate
-from .prepare import prepare
+from .prepare import describe_changes, prepare
 from .train import repair_interrupted_copies, train
 
 logger = logging.getLogger(__name__)
@@ -128,8 +128,13 @@ def _evaluate_if_needed(task: Task, system: str, seed: int, force: bool) -> dict
     checkpoint_dir = task.checkpoint_dir(system, seed)
     last = os.path.join(checkpoint_dir, "checkpoint_last.pt")
     if not force and os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(last):
-        logger.info(f"{task.run_name(system, seed)}: evaluated already, reusing {path}")
-        return read_json(path)
+        previous = read_json(path)
+        recorded = previous.get("evaluate_settings")
+        if recorded == task["evaluate"]:
+            logger.info(f"{task.run_name(system, seed)}: evaluated already, reusing {path}")
+            return previous
+        changes = describe_changes(recorded, task["evaluate"]) if recorded is not None else "not recorded"
+        logger.info(f"{task.run_name(system, seed)}: evaluating again, the evaluate settings changed ({changes})")
     return evaluate(task, system, seed=seed)
 
 

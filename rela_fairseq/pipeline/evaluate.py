@@ -147,6 +147,7 @@ def evaluate(task: Task, system: str, seed: int | None = None) -> dict:
         "checkpoint": os.path.basename(checkpoint),  # the one decoded (an average of the ones below)
         "checkpoints": [os.path.basename(p) for p in inputs],
         "generation": {"beam": settings["beam"], "lenpen": settings["lenpen"]},
+        "evaluate_settings": settings,  # all of them: compare reuses a result only under the same ones
         "generate_speed": generation_speed(generate_log),
         "versions": {"fairseq": fairseq.__version__, "torch": torch.__version__, "sacrebleu": sacrebleu.__version__},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -304,6 +304,22 @@ def test_compare_reuses_a_result_only_under_the_same_evaluate_settings(tmp_path,
     assert len(evaluations) == 3
 
 
+def test_the_results_table_says_how_many_seeds_each_score_comes_from():
+    from rela_fairseq.pipeline.results import markdown_table
+
+    def result(system, seed, score):
+        return {"task": "wmt16_ro_en", "system": system, "seed": seed, "test_set": "wmt16", "langpair": "ro-en",
+                "sacrebleu": {"score": score, "signature": "nrefs:1|case:mixed|eff:no|tok:13a"}}
+
+    table = markdown_table([result("softmax", 2, 32.0), result("softmax", 1, 30.0), result("rela_g", 2, 29.0),
+                            result("sparsemax", 1, 33.5)], paper={"wmt16_ro_en": {"softmax": 32.7}})
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| system")}
+    assert rows["softmax"] == "31.0 ± 1.4 (2 seeds) (32.7)"
+    assert rows["ReLA-g"] == "29.0 (seed 2)"  # not passed off as the config's seed
+    assert rows["sparsemax"] == "33.5"
+
+
 def test_a_step_after_one_that_ran_again_runs_again(tmp_path, caplog):
     """A step whose record was lost (an interrupted re-run) runs again with the same settings and may write other
     files (sentencepiece from a sample): the steps after it must not keep what they made from the earlier files."""

@@ -4,6 +4,7 @@ SacreBLEU beside ours (``ours (paper)``), then the signatures."""
 import glob
 import json
 import os
+import statistics
 
 from ..systems import LABELS, SYSTEMS
 from .config import available_tasks, load_task, output_root
@@ -33,13 +34,13 @@ def paper_numbers():
 
 def markdown_table(results, paper=None):
     paper = paper if paper is not None else paper_numbers()
-    cells = {}
+    cells = {}  # (system, column) -> results of every seed
     columns = []
     for r in results:
         column = r["task"] + (" (QUICK)" if r.get("quick") else "")
         if column not in columns:
             columns.append(column)
-        cells[(r["system"], column)] = r
+        cells.setdefault((r["system"], column), []).append(r)
     order = {t: i for i, t in enumerate(TASK_ORDER)}
     columns.sort(key=lambda c: (order.get(c.split(" ")[0], len(order)), c))
     header = ["system"] + [TASK_LABELS.get(c.split(" ")[0], c) + (" (QUICK)" if "QUICK" in c else "") for c in columns]
@@ -48,16 +49,16 @@ def markdown_table(results, paper=None):
         row = [LABELS[system]]
         for column in columns:
             task = column.split(" ")[0]
-            ours = cells.get((system, column))
             theirs = (paper.get(task) or {}).get(system)
-            text = f"{ours['sacrebleu']['score']:.1f}" if ours else "–"
+            text = bleu_cell(cells.get((system, column), []))
             if theirs is not None:
                 text += f" ({theirs})"
             row.append(text)
         if any(cells.get((system, c)) for c in columns) or any((paper.get(c.split(" ")[0]) or {}).get(system)
                                                                 for c in columns):
             lines.append("| " + " | ".join(row) + " |")
-    notes = ["", "SacreBLEU, detokenised and case-sensitive: ours (paper's, where the paper reports one)."]
+    notes = ["", "SacreBLEU, detokenised and case-sensitive: ours (paper's, where the paper reports one); over "
+             "several seeds (scripts/compare.sh --seeds) the mean ± standard deviation and their number."]
     signatures = sorted({(r["task"], r["test_set"], r["langpair"], r["sacrebleu"]["signature"]) for r in results})
     for task, test_set, langpair, signature in signatures:
         notes.append(f"- {TASK_LABELS.get(task, task)}: `{test_set}` `-l {langpair}`, `{signature}`")
@@ -66,6 +67,18 @@ def markdown_table(results, paper=None):
         notes.append(f"- {TASK_LABELS.get(r['task'], r['task'])} {LABELS[r['system']]}: "
                      f"{r['tokenized_bleu']['score']:.1f} {r['tokenized_bleu']['label']}")
     return "\n".join(lines + notes)
+
+
+def bleu_cell(runs: list) -> str:
+    """One system's SacreBLEU on one task: its score, or over several seeds the mean ± sd (n seeds); a single run of
+    a seed other than 1 says so."""
+    if not runs:
+        return "–"
+    scores = [r["sacrebleu"]["score"] for r in runs]
+    if len(runs) > 1:
+        return f"{statistics.mean(scores):.1f} ± {statistics.stdev(scores):.1f} ({len(runs)} seeds)"
+    seed = runs[0].get("seed", 1)
+    return f"{scores[0]:.1f}" + (f" (seed {seed})" if seed != 1 else "")
 
 
 def main_results(output=None):

@@ -5,7 +5,7 @@ registers the model and its architectures, allow-lists the classes fairseq check
 ``weights_only`` loading, and makes the command-line tools print the plugin's own errors without a traceback.
 """
 
-__version__ = "0.3.4"
+__version__ = "0.3.5"
 
 import importlib.util
 import os

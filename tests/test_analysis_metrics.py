@@ -120,15 +120,15 @@ def test_normal_and_shifted_rows_and_null_rows():
                          [0.0, 0.0, 0.0],   # predicts y1: null row -> no normal link for y1
                          [0.8, 0.1, 0.1],   # predicts y2
                          [0.0, 0.2, 0.7]])  # predicts EOS (decoder input y2)
-    assert hard_links(rows, 3, shifted=False) == {(1, 0), (0, 2)}
+    assert hard_links(rows, range(3), shifted=False) == {(1, 0), (0, 2)}
     # shifted: y_i uses the row where it is the decoder input: y0 -> row 1 (null), y1 -> row 2, y2 -> row 3
-    assert hard_links(rows, 3, shifted=True) == {(0, 1), (2, 2)}
+    assert hard_links(rows, range(3), shifted=True) == {(0, 1), (2, 2)}
 
 
 def test_argmax_on_a_null_row_would_link_position_zero():
     rows = torch.zeros(2, 4)
     assert int(rows[0].argmax()) == 0  # what fairseq's --print-alignment does
-    assert hard_links(rows, 1, shifted=False) == set()
+    assert hard_links(rows, [0], shifted=False) == set()
 
 
 def test_subword_to_word_mapping_for_both_segmentations():
@@ -170,6 +170,28 @@ def test_collector_excludes_eos_and_padding_and_keeps_sentence_ids():
     assert collector.links[(0, 0, "normal")][7] == {(1, 0)}  # c is in word 1 ("bc")
     assert collector.links[(0, "avg", "normal")][7] == {(1, 0)}
     assert collector.words[7][2] == [0, 1, 1] and collector.words[7][3] == [0, 1]
+
+
+def test_left_padded_targets_align_like_right_padded_ones():
+    """fairseq's --left-pad-target puts the padding in front of the target and of the decoder input: the rows of the
+    real target subwords are found, not assumed to come first."""
+    d = _Dict(["<s>", "<pad>", "</s>", "\u2581a", "\u2581b", "\u2581x", "\u2581y"])
+    src = torch.tensor([[3, 4, 2]])  # ▁a ▁b </s>
+    attn = torch.zeros(1, 1, 3, 3)
+    attn[0, 0, 0] = torch.tensor([0.0, 0.9, 0.1])  # predicts ▁x: -> ▁b
+    attn[0, 0, 1] = torch.tensor([0.8, 0.0, 0.1])  # predicts ▁y: -> ▁a
+    attn[0, 0, 2] = torch.tensor([0.0, 0.7, 0.0])  # predicts </s> (decoder input ▁y)
+    right = ForcedBatch(torch.tensor([0]), src, torch.tensor([[2, 5, 6, 1]]), torch.tensor([[5, 6, 2, 1]]),
+                        {("cross", 0): torch.cat([attn, torch.zeros(1, 1, 1, 3)], 2)}, pad=1, eos=2)
+    left = ForcedBatch(torch.tensor([0]), src, torch.tensor([[1, 2, 5, 6]]), torch.tensor([[1, 5, 6, 2]]),
+                       {("cross", 0): torch.cat([torch.zeros(1, 1, 1, 3), attn], 2)}, pad=1, eos=2)
+    links = []
+    for batch in (right, left):
+        collector = AlignmentCollector(d, d)
+        collector.add(batch)
+        assert collector.words[0][1] == ["\u2581x", "\u2581y"]
+        links.append({mode: collector.links[(0, 0, mode)][0] for mode in ("normal", "shifted")})
+    assert links[0] == links[1] == {"normal": {(1, 0), (0, 1)}, "shifted": {(0, 0), (1, 1)}}
 
 
 def _diagonal_batch(src_ids, tgt_ids, sid=0):

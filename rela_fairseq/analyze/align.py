@@ -75,16 +75,17 @@ def read_subword_text(prefix: str, languages: tuple[str, str], n_sentences: int)
     return sides[0], sides[1]
 
 
-def hard_links(rows, n_target, shifted):
-    """Subword links {(source position, target position)} from cross-attention ``rows`` [T, S'] of one sentence.
+def hard_links(rows, target_positions, shifted):
+    """Subword links {(source subword, target subword)} from cross-attention ``rows`` [T, S'] of one sentence.
 
     ``rows`` holds only the real source subwords as columns (EOS and padding already removed) and one row per
-    decoder step; ``n_target`` real target subwords (EOS excluded)."""
+    decoder step (padding included); ``target_positions`` are the steps that predict the real target subwords (EOS
+    and padding excluded: 0..n-1 for fairseq's right-padded targets), and the i-th of them is target subword i."""
     links = set()
     if rows.size(-1) == 0:
         return links
-    for i in range(n_target):
-        row = rows[i + 1] if shifted else rows[i]
+    for i, position in enumerate(target_positions):
+        row = rows[position + 1] if shifted else rows[position]
         best = int(row.argmax())
         if row[best] > 0:  # a row without weight on any source word aligns nothing
             links.add((best, i))
@@ -117,9 +118,9 @@ class AlignmentCollector:
             src = batch.src_tokens[b]
             src_positions = (src.ne(pad) & src.ne(eos)).nonzero().squeeze(-1)
             tgt = batch.target[b]
-            n_target = int((tgt.ne(pad) & tgt.ne(eos)).sum())
+            tgt_positions = (tgt.ne(pad) & tgt.ne(eos)).nonzero().squeeze(-1)  # --left-pad-target pads in front
             src_tokens = [self.src_dict[int(t)] for t in src[src_positions]]
-            tgt_tokens = [self.tgt_dict[int(t)] for t in tgt[:n_target]]
+            tgt_tokens = [self.tgt_dict[int(t)] for t in tgt[tgt_positions]]
             if self.subword_text is not None:
                 src_tokens = self._text_tokens(0, sid, src_tokens)
                 tgt_tokens = self._text_tokens(1, sid, tgt_tokens)
@@ -134,7 +135,7 @@ class AlignmentCollector:
                 heads["avg"] = rows.mean(0)
                 for head, head_rows in heads.items():
                     for mode in ("normal", "shifted"):
-                        links = hard_links(head_rows, n_target, mode == "shifted")
+                        links = hard_links(head_rows, tgt_positions.tolist(), mode == "shifted")
                         self.links[(layer, head, mode)][sid] = to_words(links, src_words, tgt_words, self.swap)
 
     def _text_tokens(self, side, sid, binarised):

@@ -45,10 +45,24 @@ setup_env() {
   fi
   # torch first and pinned: an unpinned torch pulled in by fairseq would be a multi-GB CUDA build on 3.11
   "${pip[@]}" "torch==$TORCH_VERSION" >&2 || die "cannot install torch==$TORCH_VERSION in $venv"
-  "${pip[@]}" -e "$REPO_ROOT[test,kernels]" >&2 || die "cannot install rela-fairseq and its dependencies in $venv"
+  # this project, editable, alone: every environment's editable install rewrites the checkout's
+  # rela_fairseq.egg-info, so scripts/test.sh's side-by-side setups take turns for these few seconds; then its
+  # dependencies and extras, read from the metadata just installed (the egg-info is not written again)
+  with_lock "$REPO_ROOT/.setup.lock" "${pip[@]}" --no-deps -e "$REPO_ROOT" >&2 ||
+    die "cannot install rela-fairseq in $venv"
+  local installed
+  installed="$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("rela-fairseq"))')" ||
+    die "rela-fairseq is not installed in $venv"
+  "${pip[@]}" "rela-fairseq[test,kernels]==$installed" >&2 ||
+    die "cannot install rela-fairseq's dependencies in $venv"
   echo "$want" > "$stamp"
   log "ready: $venv ($("$venv/bin/python" -c 'import fairseq, torch; print("fairseq", fairseq.__version__, "torch", torch.__version__)' 2>/dev/null))"
   echo "$venv"
+}
+
+# with_lock FILE COMMAND...: COMMAND under an exclusive lock on FILE where flock exists (Linux), else as it is
+with_lock() {
+  if command -v flock >/dev/null 2>&1; then flock "$1" "${@:2}"; else "${@:2}"; fi
 }
 
 # pipeline_python: the Python that runs the pipeline: $RELA_PYTHON, else this project's .venv-py311, else python3

@@ -8,9 +8,18 @@ if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,3p' "$0" | sed 's/^# /
 unset TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD  # the tests exercise the checkpoint allow-list, never the global switch
 
 failed=()
-declare -A venvs
-for version in "${versions[@]}"; do  # installs one after the other
-  if venv="$(setup_env "$version")"; then venvs[$version]=$venv; else failed+=("$version (setup)"); fi
+declare -A venvs setups
+# the environments are set up side by side where flock can make their editable installs take turns (setup_env)
+parallel=; if command -v flock >/dev/null 2>&1; then parallel=1; fi
+folder="$(mktemp -d)"; trap 'rm -rf "$folder"' EXIT
+for version in "${versions[@]}"; do
+  if [[ -n $parallel ]]; then
+    setup_env "$version" > "$folder/$version" & setups[$version]=$!
+  elif setup_env "$version" > "$folder/$version"; then venvs[$version]=$(cat "$folder/$version")
+  else failed+=("$version (setup)"); fi
+done
+for version in "${!setups[@]}"; do
+  if wait "${setups[$version]}"; then venvs[$version]=$(cat "$folder/$version"); else failed+=("$version (setup)"); fi
 done
 
 if [[ -n ${venvs[3.11]:-${venvs[3.10]:-}} ]]; then

@@ -113,6 +113,30 @@ def test_compare_still_rejects_an_unknown_option(capsys):
     assert "unrecognized arguments: --beam 2 softmax" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,seed,mirror,extra", [
+    (["train", "toy", "rela_g", "--seed", "3"], 3, None, []),
+    (["train", "toy", "rela_g", "--lr", "1e-3", "--seed=3"], 3, None, ["--lr", "1e-3"]),
+    (["train", "toy", "rela_g", "--", "--seed", "4", "--lr", "3"], 4, None, ["--lr", "3"]),
+    (["reproduce", "toy", "rela_g", "--mirror", "/x", "--lr", "2"], None, "/x", ["--lr", "2"]),
+    (["train", "toy", "--seed", "3", "rela_g", "--lr", "2"], 3, None, ["--lr", "2"]),
+])
+def test_the_pipelines_own_options_are_taken_from_among_the_extra_fairseq_options(argv, seed, mirror, extra):
+    """After SYSTEM, argparse gives everything to fairseq-train: there --seed 3 trained seed 3 into SYSTEM/ (or, once
+    seed 1 finished there, resumed it and trained nothing) and --mirror failed."""
+    from rela_fairseq.pipeline.__main__ import fairseq_extra_args, parse_args
+
+    args = parse_args(argv)
+    assert (args.seed, getattr(args, "mirror", None), fairseq_extra_args(args.fairseq_args)) == (seed, mirror, extra)
+
+
+def test_compare_refuses_a_system_given_twice():
+    from rela_fairseq.errors import RelaFairseqError
+    from rela_fairseq.pipeline.__main__ import main
+
+    with pytest.raises(RelaFairseqError, match="softmax is given twice"):
+        main(["compare", "toy", "softmax", "rela_g", "softmax"])
+
+
 @pytest.mark.one_python
 def test_speed_end_to_end_times_fairseq_itself_on_the_trained_task(compared):
     """benchmarks/speed.py --end-to-end: fairseq-train's words/s and fairseq-generate's sentences/s from their own
@@ -129,6 +153,8 @@ def test_speed_end_to_end_times_fairseq_itself_on_the_trained_task(compared):
     assert set(measured) == {"softmax", "rela_g", "rela_g_eager"}
     for name, row in measured.items():
         assert row["train_wps_median"] > 0 and row["decode_sps_median"] > 0, name
+        # the 20 sentences asked for, not the whole test set (fairseq-generate ignores its --num-shards)
+        assert row["decoded_sentences"] == 20, row
     assert measured["softmax"]["train_ratio"] == 1.0
     missing = subprocess.run([*speed, "--systems", "rela_i"], env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "rela_i has no trained checkpoint" in missing.stderr

@@ -304,6 +304,43 @@ def test_compare_reuses_a_result_only_under_the_same_evaluate_settings(tmp_path,
     assert len(evaluations) == 3
 
 
+def test_compare_measures_decoding_speed_again_after_the_evaluate_settings_or_checkpoints_change(tmp_path,
+                                                                                                monkeypatch):
+    import json
+
+    from rela_fairseq.pipeline import compare, throughput
+
+    for name, value in (("RELA_CONFIG_DIR", copy_configs(tmp_path)), ("DATA_ROOT", tmp_path / "data"),
+                        ("CHECKPOINT_ROOT", tmp_path / "checkpoints"), ("RESULTS_ROOT", tmp_path / "results")):
+        monkeypatch.setenv(name, str(value))
+    task = load_task("toy", quick=True)
+    for system in ("softmax", "rela_g"):
+        os.makedirs(task.checkpoint_dir(system))
+        open(os.path.join(task.checkpoint_dir(system), "checkpoint_avg2.pt"), "w").close()
+        os.makedirs(os.path.dirname(task.result_path(system)), exist_ok=True)
+        with open(task.result_path(system), "w") as f:
+            json.dump({"checkpoint": "checkpoint_avg2.pt"}, f)
+    measured = []
+
+    def fake_measure(task, checkpoints, **kw):
+        measured.append(kw)
+        return {"systems": {s: {} for s in checkpoints}, **{k: kw[k] for k in ("updates", "sentences", "rounds")}}
+
+    monkeypatch.setattr(throughput, "measure", fake_measure)
+    out = tmp_path / "out"
+    out.mkdir()
+    systems = ["softmax", "rela_g"]
+    compare._speed_if_needed(task, systems, str(out), None)
+    compare._speed_if_needed(task, systems, str(out), None)
+    assert len(measured) == 1  # reused
+    task["evaluate"]["beam"] = task["evaluate"]["beam"] + 1
+    compare._speed_if_needed(task, systems, str(out), None)
+    assert len(measured) == 2  # decoding with another beam
+    os.utime(os.path.join(task.checkpoint_dir("rela_g"), "checkpoint_avg2.pt"), (1, 1))  # evaluated anew
+    compare._speed_if_needed(task, systems, str(out), None)
+    assert len(measured) == 3
+
+
 def test_the_results_table_says_how_many_seeds_each_score_comes_from():
     from rela_fairseq.pipeline.results import markdown_table
 

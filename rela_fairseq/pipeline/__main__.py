@@ -43,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
         if system:
             p.add_argument("system", metavar="SYSTEM", help=f"one of: {systems}")
         if seed:
-            p.add_argument("--seed", type=int, help="train with this seed instead of the config's (checkpoints and "
-                                                    "results then go to SYSTEM-seedN)")
+            p.add_argument("--seed", type=int, help=(
+                "evaluate the run trained with this seed (SYSTEM-seedN)" if name == "evaluate" else
+                "train with this seed instead of the config's (checkpoints and results then go to SYSTEM-seedN); "
+                "also taken from among the extra options"))
         if extra:
             p.add_argument("fairseq_args", nargs=argparse.REMAINDER, metavar="...",
                            help="extra fairseq-train options, appended last (they win); '--' may separate them")
@@ -85,6 +87,32 @@ def fairseq_extra_args(remainder: list[str]) -> list[str]:
     return remainder[1:] if remainder[:1] == ["--"] else list(remainder)
 
 
+OWN_OPTIONS = {"seed": int, "mirror": str}  # the pipeline's options that the extra fairseq options may hold
+
+
+def take_own_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Move the pipeline's own options (``--seed``, ``--mirror``) out of the extra fairseq options: argparse gives
+    everything after SYSTEM to fairseq-train, where ``--seed 2`` would train seed 2 into SYSTEM/ (and, once seed 1
+    finished there, resume it and train nothing), and ``--mirror`` would fail."""
+    kept, rest = [], list(args.fairseq_args)
+    while rest:
+        arg = rest.pop(0)
+        option, has_value, value = arg.partition("=")
+        dest = option[2:] if option.startswith("--") else None
+        if dest not in OWN_OPTIONS or not hasattr(args, dest):
+            kept.append(arg)
+            continue
+        if not has_value:
+            if not rest:
+                parser.error(f"argument {option}: expected one argument")
+            value = rest.pop(0)
+        try:
+            setattr(args, dest, OWN_OPTIONS[dest](value))
+        except ValueError:
+            parser.error(f"argument {option}: invalid {OWN_OPTIONS[dest].__name__} value: {value!r}")
+    args.fairseq_args = kept
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args, unparsed = parser.parse_known_args(argv)
@@ -92,6 +120,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.systems += unparsed  # SYSTEMs after an option (TASK --seeds 2 softmax rela_g): argparse stops there
     elif unparsed:
         parser.error(f"unrecognized arguments: {' '.join(unparsed)}")
+    if getattr(args, "fairseq_args", None):
+        take_own_options(args, parser)
     return args
 
 
@@ -121,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
         for system in args.systems:
             get_system(system)
+            if args.systems.count(system) > 1:  # it would count as a second seed of itself
+                raise RelaFairseqError(f"{system} is given twice; name each system once (--seeds N for seeds)")
         if args.seeds < 1:
             raise RelaFairseqError(f"--seeds must be at least 1, got {args.seeds}")
         compare(task, args.systems or list(SYSTEMS), seeds=args.seeds, mirror=args.mirror)

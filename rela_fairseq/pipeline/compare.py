@@ -192,14 +192,21 @@ def _speed_if_needed(task: Task, systems: list[str], out_dir: str, stage) -> dic
     settings = task.get("compare") or {}
     wanted = {"updates": settings.get("speed_updates", 20), "sentences": settings.get("speed_sentences", 200),
               "rounds": settings.get("speed_rounds", 3)}
-    if os.path.exists(path):
-        cached = read_json(path)
-        if set(systems) <= set(cached["systems"]) and all(cached.get(k) == v for k, v in wanted.items()):
-            logger.info(f"speed measured already, reusing {path} (delete it to measure again)")
-            return cached
     checkpoints = {s: os.path.join(task.checkpoint_dir(s), read_json(task.result_path(s))["checkpoint"])
                    for s in systems}
+    # decoding runs the evaluated checkpoints with the evaluate settings: a change in either measures again
+    made_with = {"evaluate_settings": task["evaluate"],
+                 "checkpoints": {s: os.path.getmtime(ckpt) for s, ckpt in checkpoints.items()}}
+    if os.path.exists(path):
+        cached = read_json(path)
+        same = all(cached.get(k) == v for k, v in wanted.items()) and all(
+            cached.get("made_with", {}).get("evaluate_settings") == made_with["evaluate_settings"] and
+            cached.get("made_with", {}).get("checkpoints", {}).get(s) == made_with["checkpoints"][s] for s in systems)
+        if set(systems) <= set(cached["systems"]) and same:
+            logger.info(f"speed measured already, reusing {path} (delete it to measure again)")
+            return cached
     speed = measure(task, checkpoints, progress=lambda what: logger.info(what), reference=REFERENCE, **wanted)
+    speed["made_with"] = made_with
     write_json(path, speed)
     return speed
 

@@ -2,7 +2,7 @@
 
 Training: ``fairseq-train`` from scratch for a few updates on the task's real data (nothing saved, no validation),
 target words per second from its own ``train_inner`` log line of the last interval (the first one holds the start-up).
-Decoding: ``fairseq-generate`` on the first shard of the test set with a trained checkpoint, sentences per second from
+Decoding: ``fairseq-generate`` on a shard of the test set's batches with a trained checkpoint, sentences per second from
 its own "Translated N sentences ... (x sentences/s)" line. The systems are measured round after round, each round in
 another order, and a system's ratio to softmax is the median over rounds of the ratio within the round: this machine's
 speed drifts between rounds, not within one. Nothing else should run meanwhile (on 2 cores two processes' thread
@@ -39,19 +39,23 @@ def train_words_per_second(task: Task, system: str, updates: int, env: dict[str,
     return rates[-1]
 
 
-def generate_sentences_per_second(task: Task, checkpoint: str, sentences: int,
-                                  env: dict[str, str] | None = None) -> float:
-    """Sentences per second of ``fairseq-generate`` on about ``sentences`` test sentences (the first of
-    ceil(test size / sentences) shards, 50 sentences a batch), with the task's beam, length penalty and limits."""
+def generate_speed(task: Task, checkpoint: str, sentences: int, env: dict[str, str] | None = None) -> dict:
+    """fairseq-generate's own speed line (``commands.generation_speed``) on about ``sentences`` test sentences, with
+    the task's beam, length penalty and limits: batches of at most 50 sentences (sorted by length, as fairseq makes
+    them), every ceil(test size / sentences)-th of them. fairseq-generate shards its batches by
+    ``--distributed-world-size`` and ``--distributed-rank`` (``fairseq_cli/generate.py``, 0.12.2 and fairseq-fixed);
+    its ``--num-shards`` is read by ``eval_lm`` only, and decoded the whole test set."""
+    batch = min(50, sentences)
     shards = max(1, -(-_test_size(task) // sentences))
     settings = task["evaluate"]
-    cmd = generate_command(task, checkpoint, hardware(), settings["beam"], settings["lenpen"], "--batch-size", "50",
-                           "--num-shards", str(shards), "--shard-id", "0", *length_limits(settings))
+    cmd = generate_command(task, checkpoint, hardware(), settings["beam"], settings["lenpen"], "--batch-size",
+                           str(batch), "--distributed-world-size", str(shards), "--distributed-rank", "0",
+                           *length_limits(settings))
     proc = run_fairseq(cmd, "fairseq-generate", env)
     speed = generation_speed(proc.stdout + proc.stderr)
     if speed is None:
         raise RelaFairseqError(f"fairseq-generate reported no speed for {checkpoint}")
-    return speed["sentences_per_s"]
+    return speed
 
 
 def _test_size(task: Task) -> int:
@@ -73,7 +77,7 @@ def measure(task: Task, checkpoints: dict[str, str], updates: int, sentences: in
             raise RelaFairseqError(f"speed variant {name!r} runs {system!r}, which is not among the systems measured")
         entries[name] = (system, env)
     names = list(entries)
-    raw = {name: {"train_wps": [], "decode_sps": []} for name in names}
+    raw = {name: {"train_wps": [], "decode_sps": [], "decoded_sentences": 0} for name in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
@@ -81,7 +85,9 @@ def measure(task: Task, checkpoints: dict[str, str], updates: int, sentences: in
             if progress:
                 progress(f"speed round {r + 1}/{rounds}: {name}")
             raw[name]["train_wps"].append(train_words_per_second(task, system, updates, env))
-            raw[name]["decode_sps"].append(generate_sentences_per_second(task, checkpoints[system], sentences, env))
+            speed = generate_speed(task, checkpoints[system], sentences, env)
+            raw[name]["decode_sps"].append(speed["sentences_per_s"])
+            raw[name]["decoded_sentences"] = speed["sentences"]
     for system in names:
         for key, ratio in (("train_wps", "train_ratio"), ("decode_sps", "decode_ratio")):
             ratios = [a / b for a, b in zip(raw[system][key], raw[reference][key])]

@@ -101,6 +101,7 @@ def run(args):
     rows = [{"op": op, "softmax_ms": per_step["softmax"].get(op, 0.0), "system_ms": per_step[args.system].get(op, 0.0)}
             for op in ops]
     return {"settings": vars(args), "ntokens": batch["ntokens"] if args.mode == "train" else None,
+            "decoded_sentences": len(sample["net_input"]["src_tokens"]) if args.mode == "decode" else None,
             "seconds_per_step": {s: wall[s] / args.steps for s in systems},
             "self_ms_per_step": {s: sum(per_step[s].values()) for s in systems}, "ops": rows}
 
@@ -110,7 +111,7 @@ def report(result, top):
     sec = result["seconds_per_step"]
     settings = result["settings"]
     what = (f"one training step, {result['ntokens']} target tokens" if settings["mode"] == "train" else
-            f"decoding {settings['decode_sentences']} sentences of {settings['length']} tokens, beam 4")
+            f"decoding {result['decoded_sentences']} sentences of {settings['length']} tokens, beam 4")
     lines = [f"{what}, profiled: softmax {sec['softmax']:.3f} s, "
              f"{system} {sec[system]:.3f} s ({sec['softmax'] / sec[system]:.3f}x softmax's speed)",
              "", f"| operator | softmax ms | {system} ms | difference ms |", "|---|---|---|---|"]

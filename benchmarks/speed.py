@@ -232,7 +232,7 @@ def run(args):
     results, raw = [], {}
     for config in args.configs:
         dictionary = Dictionary(CONFIGS[config]["vocab"]).d
-        models = {s: build(s, config, dictionary, device) for s in systems}
+        models = {s: build(s, config, dictionary, device, seed=args.seed) for s in systems}
         optimizers = {s: torch.optim.Adam(m.parameters(), lr=1e-4) for s, m in models.items()}
         params = {s: sum(p.numel() for p in m.parameters()) for s, m in models.items()}
         memory_only = [n for n in args.memory_lengths if n not in args.lengths] if "memory" in args.measure else []
@@ -240,8 +240,10 @@ def run(args):
             timed = length in args.lengths
             kinds = [k for k in ("train", "decode") if k in args.measure
                      and (k == "train" or length <= args.max_decode_length)] if timed else []
-            batch = make_batch(dictionary, args.train_tokens, length, device, seed=length)
-            decode_sample = make_batch(dictionary, args.decode_sentences * length, length, device, seed=length + 1)
+            # --seed draws other weights and batches (the same for every system)
+            batch = make_batch(dictionary, args.train_tokens, length, device, seed=1000 * args.seed + length)
+            decode_sample = make_batch(dictionary, args.decode_sentences * length, length, device,
+                                       seed=1000 * args.seed + length + 1)
             decode_sample = {"net_input": {k: v[: args.decode_sentences] for k, v in decode_sample["net_input"].items()
                                            if k != "prev_output_tokens"}}
             cell = raw.setdefault(f"{config}/L{length}", {s: {"train": [], "decode": [], "memory": []}
@@ -384,7 +386,8 @@ def parse_args(argv=None):
     p.add_argument("--e2e-updates", type=int, default=40, help="fairseq-train updates per measurement (end to end)")
     p.add_argument("--e2e-sentences", type=int, default=500,
                    help="test sentences per fairseq-generate measurement (end to end)")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1,
+                   help="the models' initial weights, the batches and dropout (default 1; the same for every system)")
     p.add_argument("--json", help="write all measurements and ratios to this file")
     args = p.parse_args(argv)
     quick = dict(configs=["tiny"], lengths=[8, 16], repeats=1, train_tokens=256, decode_sentences=4,

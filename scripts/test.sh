@@ -22,10 +22,9 @@ for version in "${!setups[@]}"; do
   if wait "${setups[$version]}"; then venvs[$version]=$(cat "$folder/$version"); else failed+=("$version (setup)"); fi
 done
 
-if [[ -n ${venvs[3.11]:-${venvs[3.10]:-}} ]]; then
-  log "ruff (lint and import order)"
-  (cd "$REPO_ROOT" && "${venvs[3.11]:-${venvs[3.10]}}/bin/ruff" check .) || failed+=("ruff")
-fi
+if [[ -z ${venvs[3.11]:-${venvs[3.10]:-}} ]]; then die "failed: ${failed[*]}"; fi  # no environment to test in
+log "ruff (lint and import order)"
+(cd "$REPO_ROOT" && "${venvs[3.11]:-${venvs[3.10]}}/bin/ruff" check .) || failed+=("ruff")
 
 # the suites run side by side: much of their time is single-threaded (starting fairseq's command-line tools). Each
 # gets its share of the cores for torch's thread pools: two legs' pools on the same cores thrash (test_cli.py on

@@ -82,9 +82,11 @@ def test_step_profile_rejects_bad_arguments():
 def test_decoding_profile_names_the_kernels_called_outside_autograd(tmp_path):
     out = tmp_path / "profile.json"
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"), "--config", "tiny",
-                           "--mode", "decode", "--length", "6", "--decode-sentences", "2", "--steps", "1", "--json",
-                           out], capture_output=True, text=True, timeout=600)
+                           "--mode", "decode", "--length", "6", "--decode-sentences", "3", "--train-tokens", "12",
+                           "--steps", "1", "--json", out], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the decoded sentences are cut from the training batch (12 tokens: 2 sentences of 6), and the report says so
+    assert "decoding 2 sentences of 6 tokens, beam 4, profiled" in proc.stdout
     ops = {row["op"]: row for row in json.loads(out.read_text())["ops"]}
     for op in ("rela_fairseq::attention_step", "rela_fairseq::norm_forward"):
         assert ops[op]["softmax_ms"] == 0 and ops[op]["system_ms"] > 0, op

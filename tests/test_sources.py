@@ -225,6 +225,29 @@ def test_checkpoints_of_stale_data_are_refused(tmp_path, monkeypatch):
         train_module.train(task, "rela_i")
 
 
+def test_a_resume_with_the_same_batch_options_warns_of_nothing(tmp_path, monkeypatch, caplog):
+    import torch
+
+    from rela_fairseq.pipeline import train as train_module
+    from rela_fairseq.pipeline.prepare import prepare
+
+    for name, value in (("RELA_CONFIG_DIR", copy_configs(tmp_path)), ("DATA_ROOT", tmp_path / "data"),
+                        ("CHECKPOINT_ROOT", tmp_path / "checkpoints")):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(train_module, "run_logged", lambda cmd, log: 0)
+    task = load_task("toy", quick=True)
+    prepare(task)
+    own_batch = ["--max-tokens", "1000", "--update-freq", "4"]  # the user's split of the same tokens per update
+    checkpoint_dir = train_module.train(task, "rela_i", own_batch)
+    torch.save({}, os.path.join(checkpoint_dir, "checkpoint_last.pt"))
+    with caplog.at_level("WARNING"):
+        train_module.train(task, "rela_i", own_batch)
+    assert "resuming on" not in caplog.text  # the batch recorded is the batch run again
+    with caplog.at_level("WARNING"):
+        train_module.train(task, "rela_i")  # back to the config's split: that is a change, and it says so
+    assert "resuming on 1 device(s) (trained so far on 1): 1000 x 4 x 1 becomes" in caplog.text
+
+
 def test_checkpoints_of_another_vocabulary_from_the_same_settings_are_refused(tmp_path, monkeypatch):
     """The fingerprint says what the data was made from; a vocabulary that came out otherwise from the same settings
     (the data folder prepared again elsewhere) is caught by the digest of the dictionaries and sentencepiece model,

@@ -49,8 +49,9 @@ def train(task: Task, system: str, extra_args=(), seed: int | None = None) -> st
     checkpoint_dir = task.checkpoint_dir(system, seed)
     os.makedirs(checkpoint_dir, exist_ok=True)
     repair_interrupted_copies(checkpoint_dir)
-    record = _check_resume(task, checkpoint_dir, split)
     overridden = overridden_batch(extra_args, split)
+    # a resume compares the batch it will run (the user's, where extra options set it) with the one recorded
+    record = _check_resume(task, checkpoint_dir, overridden or split)
     logger.info(f"{task.name}/{task.run_name(system, seed)}: {hw.describe()}, fp16={hw.fp16}")
     logger.info(f"batch: {split.describe()}")
     if overridden is not None and overridden.actual != split.actual:

@@ -94,7 +94,11 @@ class RelaMultiheadAttention(MultiheadAttention):
                 return None
         elif torch.is_grad_enabled() or (self.dropout_module.apply_during_inference and self.dropout_module.p > 0):
             return None  # the step kernel has no dropout: gradients, and --retain-dropout, take the eager step
-        return kernels.extension_for(query, self.attn_fn.norm.kernel)
+        ext = kernels.extension_for(query, self.attn_fn.norm.kernel)
+        if ext is None or (incremental_state is None and
+                           not kernels.attention_supported(ext, query.size(1) * self.num_heads, self.head_dim)):
+            return None
+        return ext
 
     def _fused_forward(self, ext, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
                        key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor]) -> Tensor:

@@ -338,6 +338,35 @@ def test_autocast_takes_the_eager_route(ext):
                                            eager(step, step, step, incremental_state=states[1])[0])
 
 
+def test_a_value_head_width_other_than_the_querys_is_refused(ext):
+    q, k, v = torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="q, k and v need one head width, got 8, 8, 4"):
+        kernels.fused_attention(ext, q, k, v, heads=2, scale=0.5)
+
+
+class LimitedKernels:
+    """The compiled module with launch limits, as the Triton kernels declare them."""
+
+    def __init__(self, module, max_batch_heads):
+        self.module, self.max_batch_heads = module, max_batch_heads
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+def test_calls_beyond_the_kernels_launch_limits_run_eagerly(ext, monkeypatch):
+    fused, eager = module_pair("rela_g")
+    limited = LimitedKernels(ext, max_batch_heads=2 * HEADS)
+    monkeypatch.setattr(kernels, "extension_for", lambda x, kernel: None if kernel == "eager" else limited)
+    calls = []
+    original = kernels.fused_attention
+    monkeypatch.setattr(kernels, "fused_attention", lambda *a, **kw: calls.append(a[1].size(0)) or original(*a, **kw))
+    for batch in (2, 3):
+        x = torch.randn(4, batch, EMBED)
+        torch.testing.assert_close(fused(x, x, x, need_weights=False)[0], eager(x, x, x, need_weights=False)[0], **TOL)
+    assert calls == [2 * HEADS]  # 3 sentences x 4 heads is beyond the limit: the eager route
+
+
 class KernelSpy:
     """The compiled module, counting which of its kernels are called."""
 

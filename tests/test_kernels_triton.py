@@ -80,3 +80,11 @@ def test_models_with_triton_kernels_equal_eager(setting, monkeypatch):
     C++ ones)."""
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
     check_models_fused_equal_eager(setting, kernels._TritonKernels, TRITON, monkeypatch, DEVICE)
+
+
+def test_triton_launch_limits_send_larger_calls_to_the_eager_path():
+    """CUDA caps grid axis 1 (batch × heads) at 65,535, and a head wider than 128 would outgrow the tiles."""
+    triton_kernels = TritonKernels()
+    assert kernels.attention_supported(triton_kernels, 65535, 128)
+    assert not kernels.attention_supported(triton_kernels, 65536, 64)
+    assert not kernels.attention_supported(triton_kernels, 8, 256)

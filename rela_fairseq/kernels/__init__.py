@@ -151,6 +151,13 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
+def attention_supported(ext, batch_heads: int, head_dim: int) -> bool:
+    """Whether ``ext``'s attention core takes ``batch_heads`` blocks of ``head_dim`` (the CPU kernel: any; Triton:
+    within its launch limits, ``TritonKernels.max_batch_heads`` and ``max_head_dim``)."""
+    return (batch_heads <= getattr(ext, "max_batch_heads", batch_heads)
+            and head_dim <= getattr(ext, "max_head_dim", head_dim))
+
+
 def norm_supported(ext, width: int, embed_dim: int) -> bool:
     """Whether ``ext`` fuses an RMSNorm over rows of ``width`` (the CPU kernel: any; Triton: the full width)."""
     return width == embed_dim or "head" in getattr(ext, "norm_scopes", ("all", "head"))
@@ -180,6 +187,9 @@ def fused_attention(ext, q: Tensor, k: Tensor, v: Tensor, *, heads: int, scale: 
     scores (fairseq's causal mask, 0 / -inf) or bool (True = masked). Returns O [B·H, T, d_h] as a view of a
     [T, B·H, d_h] tensor. With ``dropout`` > 0 the seed comes from torch's generator: ``torch.manual_seed``
     reproduces a run."""
+    if not q.size(-1) == k.size(-1) == v.size(-1):  # the CPU kernel reads v with q's head width
+        raise ValueError(f"rela fused attention: q, k and v need one head width, got {q.size(-1)}, {k.size(-1)}, "
+                         f"{v.size(-1)}")
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0 else 0
     if padding is not None:
         padding = padding.to(torch.bool).contiguous()

@@ -16,6 +16,7 @@ Without a GPU the tests run these kernels in Triton's interpreter (``TRITON_INTE
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -247,10 +248,29 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
                          f"{tuple(v.shape)}")
 
 
+def _on_its_device(method):
+    """Launch on the device of the method's first tensor: Triton launches on the current CUDA device, which need not
+    be the tensors' (a model on cuda:1 in a process whose current device is 0)."""
+
+    @functools.wraps(method)
+    def on_device(self, x: Tensor, *args, **kwargs):
+        if not x.is_cuda:
+            return method(self, x, *args, **kwargs)
+        with torch.cuda.device(x.device):
+            return method(self, x, *args, **kwargs)
+
+    return on_device
+
+
 class TritonKernels:
     """``rela_cpu.cpp``'s functions for GPU tensors (and, in Triton's interpreter, CPU tensors)."""
 
     norm_scopes = ("all",)
+    # what the attention core's launches take (``kernels.attention_supported``; larger calls run eagerly): CUDA caps
+    # grid axis 1, where they put batch × heads, at 65,535; above 128 the tiles of a head would outgrow a GPU's shared
+    # memory (by the tile sizes; not yet measured on a GPU)
+    max_batch_heads = 65535
+    max_head_dim = 128
 
     @staticmethod
     def _flags(q: Tensor, padding: Optional[Tensor], additive: Optional[Tensor], squared: bool, p: float) -> dict:
@@ -264,6 +284,7 @@ class TritonKernels:
         add = additive.to(device=q.device, dtype=torch.float32).contiguous() if additive is not None else dummy
         return add, pad
 
+    @_on_its_device
     def attention_forward(self, q: Tensor, k: Tensor, v: Tensor, padding: Optional[Tensor],
                           additive: Optional[Tensor], heads: int, scale: float, squared: bool, p: float,
                           seed: int) -> Tensor:
@@ -278,6 +299,7 @@ class TritonKernels:
             **self._flags(q, padding, additive, squared, p), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
         return out
 
+    @_on_its_device
     def attention_backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, padding: Optional[Tensor],
                            additive: Optional[Tensor], heads: int, scale: float, squared: bool, p: float,
                            seed: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -301,6 +323,7 @@ class TritonKernels:
             q, k, v, grad_out, dq, add, pad, *strides, dq.stride(0), dq.stride(1), *shared, **flags)
         return dq, dk, dv
 
+    @_on_its_device
     def attention_step(self, scores: Tensor, v: Tensor, heads: int, squared: bool) -> Tensor:
         if v.stride(2) != 1:  # any other layout is read in place (fairseq's cached encoder values are time-major)
             v = v.contiguous()
@@ -319,6 +342,7 @@ class TritonKernels:
                                                        BLOCK_N=16)
         return out
 
+    @_on_its_device
     def norm_forward(self, z: Tensor, gain: Tensor, gate: Optional[Tensor], width: int,
                      eps: float) -> tuple[Tensor, Tensor]:
         z = z.contiguous()
@@ -332,6 +356,7 @@ class TritonKernels:
                                BLOCK=triton.next_power_of_2(d))
         return y, rstd
 
+    @_on_its_device
     def norm_backward(self, grad: Tensor, z: Tensor, gain: Tensor, gate: Optional[Tensor], rstd: Tensor,
                       width: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         z, grad = z.contiguous(), grad.contiguous()

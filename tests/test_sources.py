@@ -202,16 +202,22 @@ def test_a_changed_sentencepiece_setting_reruns_that_step_and_the_ones_after(tmp
     assert "already done" in run_script("prepare.sh", "toy", env=env).stderr
 
 
+def pipeline_folders(tmp_path, monkeypatch):
+    """The pipeline's configs (a copy), data, checkpoints and results under ``tmp_path``; returns the configs folder."""
+    configs = copy_configs(tmp_path)
+    for name, value in (("RELA_CONFIG_DIR", configs), ("DATA_ROOT", tmp_path / "data"),
+                        ("CHECKPOINT_ROOT", tmp_path / "checkpoints"), ("RESULTS_ROOT", tmp_path / "results")):
+        monkeypatch.setenv(name, str(value))
+    return configs
+
+
 def test_checkpoints_of_stale_data_are_refused(tmp_path, monkeypatch):
     import torch
 
     from rela_fairseq.pipeline import train as train_module
     from rela_fairseq.pipeline.prepare import prepare
 
-    configs = copy_configs(tmp_path)
-    for name, value in (("RELA_CONFIG_DIR", configs), ("DATA_ROOT", tmp_path / "data"),
-                        ("CHECKPOINT_ROOT", tmp_path / "checkpoints")):
-        monkeypatch.setenv(name, str(value))
+    configs = pipeline_folders(tmp_path, monkeypatch)
     monkeypatch.setattr(train_module, "run_logged", lambda cmd, log: 0)  # what fairseq-train would do: nothing here
     task = load_task("toy", quick=True)
     prepare(task)
@@ -231,9 +237,7 @@ def test_a_resume_with_the_same_batch_options_warns_of_nothing(tmp_path, monkeyp
     from rela_fairseq.pipeline import train as train_module
     from rela_fairseq.pipeline.prepare import prepare
 
-    for name, value in (("RELA_CONFIG_DIR", copy_configs(tmp_path)), ("DATA_ROOT", tmp_path / "data"),
-                        ("CHECKPOINT_ROOT", tmp_path / "checkpoints")):
-        monkeypatch.setenv(name, str(value))
+    pipeline_folders(tmp_path, monkeypatch)
     monkeypatch.setattr(train_module, "run_logged", lambda cmd, log: 0)
     task = load_task("toy", quick=True)
     prepare(task)
@@ -261,9 +265,7 @@ def test_checkpoints_of_another_vocabulary_from_the_same_settings_are_refused(tm
     from rela_fairseq.pipeline.evaluate import evaluate
     from rela_fairseq.pipeline.prepare import prepare
 
-    for name, value in (("RELA_CONFIG_DIR", copy_configs(tmp_path)), ("DATA_ROOT", tmp_path / "data"),
-                        ("CHECKPOINT_ROOT", tmp_path / "checkpoints")):
-        monkeypatch.setenv(name, str(value))
+    pipeline_folders(tmp_path, monkeypatch)
     monkeypatch.setattr(train_module, "run_logged", lambda cmd, log: 0)
     task = load_task("toy", quick=True)
     prepare(task)
@@ -296,9 +298,7 @@ def test_compare_reuses_a_result_only_under_the_same_evaluate_settings(tmp_path,
 
     from rela_fairseq.pipeline import compare
 
-    for name, value in (("RELA_CONFIG_DIR", copy_configs(tmp_path)), ("DATA_ROOT", tmp_path / "data"),
-                        ("CHECKPOINT_ROOT", tmp_path / "checkpoints"), ("RESULTS_ROOT", tmp_path / "results")):
-        monkeypatch.setenv(name, str(value))
+    pipeline_folders(tmp_path, monkeypatch)
     task = load_task("toy", quick=True)
     os.makedirs(task.checkpoint_dir("softmax"))
     open(os.path.join(task.checkpoint_dir("softmax"), "checkpoint_last.pt"), "w").close()
@@ -333,9 +333,7 @@ def test_compare_measures_decoding_speed_again_after_the_evaluate_settings_or_ch
 
     from rela_fairseq.pipeline import compare, throughput
 
-    for name, value in (("RELA_CONFIG_DIR", copy_configs(tmp_path)), ("DATA_ROOT", tmp_path / "data"),
-                        ("CHECKPOINT_ROOT", tmp_path / "checkpoints"), ("RESULTS_ROOT", tmp_path / "results")):
-        monkeypatch.setenv(name, str(value))
+    pipeline_folders(tmp_path, monkeypatch)
     task = load_task("toy", quick=True)
     for system in ("softmax", "rela_g"):
         os.makedirs(task.checkpoint_dir(system))

@@ -144,10 +144,8 @@ class RelaMultiheadAttention(MultiheadAttention):
             self.skip_embed_dim_check = skip
         if own_attn_mask:
             blocked = attn_mask if attn_mask.dtype == torch.bool else torch.isneginf(attn_mask)
-            if attn_mask.dtype != torch.bool:  # an additive bias besides the -inf entries: added as fairseq adds it
-                bias = attn_mask.masked_fill(blocked, 0.0)
-                if bias.any():
-                    scores += bias.to(scores.dtype)
+            if attn_mask.dtype != torch.bool:  # its finite entries (0, or a bias) are added, as fairseq adds them
+                scores += attn_mask.masked_fill(blocked, 0.0).to(scores.dtype)
             scores.masked_fill_(blocked, self.attn_fn.masked_score)
         if own_mask:
             bsz, src_len = key_padding_mask.shape

@@ -195,17 +195,15 @@ def sentencepiece_sample(inputs: list[str], size: int, path: str) -> list[str]:
     total = sum(counts)
     if not size or total <= size:
         return inputs
-    chosen = np.zeros(total, dtype=bool)
-    chosen[np.random.default_rng(SAMPLE_SEED).choice(total, size=size, replace=False)] = True
+    chosen = np.zeros(total, dtype=np.uint8)
+    chosen[np.random.default_rng(SAMPLE_SEED).choice(total, size=size, replace=False)] = 1
     logger.info(f"sentencepiece learns from {size} of the {total} training lines, drawn with seed {SAMPLE_SEED}")
-    line = 0
     with atomic_open(path, "wb") as out:
-        for name in inputs:
-            with open(name, "rb") as f:
-                for text in f:
-                    if chosen[line]:
-                        out.write(text)
-                    line += 1
+        start = 0
+        for name, count in zip(inputs, counts):
+            with open(name, "rb") as f:  # itertools.compress keeps the loop over tens of millions of lines in C
+                out.writelines(itertools.compress(f, chosen[start:start + count].tobytes()))
+            start += count
     return [path]
 
 

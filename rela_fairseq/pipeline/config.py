@@ -342,10 +342,10 @@ def data_record(task: Task) -> dict:
     return {"data": data_fingerprint(task), "data_files": data_files_digest(task)}
 
 
-def data_changed(task: Task, record: dict) -> bool:
-    """Whether the task's data differs from what ``record`` (run.json) was trained on. Records written before
-    ``data_files`` existed are judged by the fingerprint alone."""
-    current = data_record(task)
+def data_changed(task: Task, record: dict, current: dict | None = None) -> bool:
+    """Whether the task's data (``current``, its ``data_record`` if already computed) differs from what ``record``
+    (run.json) was trained on. Records written before ``data_files`` existed are judged by the fingerprint alone."""
+    current = current or data_record(task)
     if record.get("data") != current["data"]:
         return True
     return record.get("data_files") is not None and record["data_files"] != current["data_files"]

@@ -133,9 +133,11 @@ def repair_interrupted_copies(checkpoint_dir: str) -> list[str]:
     return repaired
 
 
-def check_data_unchanged(task: Task, checkpoint_dir: str, record: dict, start_over: str) -> None:
-    """Refuse checkpoints trained on other data than the task's now (``record``: their run.json)."""
-    if data_changed(task, record):
+def check_data_unchanged(task: Task, checkpoint_dir: str, record: dict, start_over: str,
+                         current: dict | None = None) -> None:
+    """Refuse checkpoints trained on other data than the task's now (``record``: their run.json; ``current``: the
+    task's ``data_record``, if already computed)."""
+    if data_changed(task, record, current):
         raise RelaConfigError(f"the data of {task.name} changed since the checkpoints in {checkpoint_dir} were "
                               "trained (it was prepared again, with other settings or into another vocabulary): they "
                               f"no longer fit it; {start_over}")
@@ -144,15 +146,16 @@ def check_data_unchanged(task: Task, checkpoint_dir: str, record: dict, start_ov
 def _check_resume(task: Task, checkpoint_dir: str, split: BatchSplit) -> dict:
     """The run record of ``checkpoint_dir`` (new, or the one being resumed after checking that it still fits)."""
     path = os.path.join(checkpoint_dir, "run.json")
-    record = {"task": task.name, "quick": task.quick, **data_record(task),
-              "tokens_per_update": split.tokens_per_update, "history": []}
+    data = data_record(task)  # hashes the dictionaries and sentencepiece model: once
+    record = {"task": task.name, "quick": task.quick, **data, "tokens_per_update": split.tokens_per_update,
+              "history": []}
     has_checkpoint = os.path.exists(os.path.join(checkpoint_dir, "checkpoint_last.pt"))
     if not os.path.exists(path) or not has_checkpoint:
         return record
     previous = read_json(path)
     start_over = (f"remove {checkpoint_dir} (or set CHECKPOINT_ROOT elsewhere) to train from scratch, or restore "
                   "the earlier settings to resume")
-    check_data_unchanged(task, checkpoint_dir, previous, start_over)
+    check_data_unchanged(task, checkpoint_dir, previous, start_over, data)
     if previous.get("tokens_per_update") != split.tokens_per_update:
         raise RelaConfigError(f"tokens_per_update is {split.tokens_per_update} in the config but the checkpoints in "
                               f"{checkpoint_dir} were trained with {previous.get('tokens_per_update')}; {start_over}")

@@ -119,6 +119,7 @@ class AlignmentCollector:
             src_positions = (src.ne(pad) & src.ne(eos)).nonzero().squeeze(-1)
             tgt = batch.target[b]
             tgt_positions = (tgt.ne(pad) & tgt.ne(eos)).nonzero().squeeze(-1)  # --left-pad-target pads in front
+            target_rows = tgt_positions.tolist()
             src_tokens = [self.src_dict[int(t)] for t in src[src_positions]]
             tgt_tokens = [self.tgt_dict[int(t)] for t in tgt[tgt_positions]]
             if self.subword_text is not None:
@@ -135,7 +136,7 @@ class AlignmentCollector:
                 heads["avg"] = rows.mean(0)
                 for head, head_rows in heads.items():
                     for mode in ("normal", "shifted"):
-                        links = hard_links(head_rows, tgt_positions.tolist(), mode == "shifted")
+                        links = hard_links(head_rows, target_rows, mode == "shifted")
                         self.links[(layer, head, mode)][sid] = to_words(links, src_words, tgt_words, self.swap)
 
     def _text_tokens(self, side, sid, binarised):

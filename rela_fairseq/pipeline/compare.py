@@ -199,9 +199,10 @@ def _speed_if_needed(task: Task, systems: list[str], out_dir: str, stage) -> dic
                  "checkpoints": {s: os.path.getmtime(ckpt) for s, ckpt in checkpoints.items()}}
     if os.path.exists(path):
         cached = read_json(path)
-        same = all(cached.get(k) == v for k, v in wanted.items()) and all(
-            cached.get("made_with", {}).get("evaluate_settings") == made_with["evaluate_settings"] and
-            cached.get("made_with", {}).get("checkpoints", {}).get(s) == made_with["checkpoints"][s] for s in systems)
+        cached_with = cached.get("made_with", {})
+        same = (all(cached.get(k) == v for k, v in wanted.items())
+                and cached_with.get("evaluate_settings") == made_with["evaluate_settings"]
+                and all(cached_with.get("checkpoints", {}).get(s) == t for s, t in made_with["checkpoints"].items()))
         if set(systems) <= set(cached["systems"]) and same:
             logger.info(f"speed measured already, reusing {path} (delete it to measure again)")
             return cached

@@ -2,11 +2,13 @@
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 from tool_server import STARTUP_ENV, ForkedTool, is_console_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,3 +127,27 @@ def parse_generate_output(stdout):
             fields = rest.split("\t")
             out.setdefault(int(sid), {})[kind] = fields[-1]
     return out
+
+
+# --------------------------------------------------------------------------- the pipeline in tmp folders
+
+def copy_configs(tmp_path):
+    configs = tmp_path / "configs"
+    shutil.copytree(os.path.join(REPO, "configs"), configs)
+    return configs
+
+
+def edit_yaml(path, edit):
+    data = yaml.safe_load(open(path))
+    edit(data)
+    with open(path, "w") as f:
+        yaml.safe_dump(data, f)
+
+
+def pipeline_folders(tmp_path, monkeypatch):
+    """The pipeline's configs (a copy), data, checkpoints and results under ``tmp_path``; returns the configs folder."""
+    configs = copy_configs(tmp_path)
+    for name, value in (("RELA_CONFIG_DIR", configs), ("DATA_ROOT", tmp_path / "data"),
+                        ("CHECKPOINT_ROOT", tmp_path / "checkpoints"), ("RESULTS_ROOT", tmp_path / "results")):
+        monkeypatch.setenv(name, str(value))
+    return configs

@@ -51,20 +51,62 @@ def test_a_corrupted_mirror_file_is_a_clear_error_and_leaves_nothing_half_writte
 # versions (test_cli, test_models, test_checkpoints): its end-to-end run (minutes) happens once, under Python 3.11
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
+    """tune.sh (QUICK: two grid points per system), then compare.sh at the points it chose."""
     root = tmp_path_factory.mktemp("compare")
     env = script_env(root, QUICK=1, RELA_DOWNLOAD_MIRROR=MIRROR)
+    tuned = run_script("tune.sh", "multi30k_de_en", "softmax", "rela_g", env=env)
     first = run_script("compare.sh", "multi30k_de_en", "softmax", "rela_g", env=env)
-    return root, env, first
+    return root, env, first, tuned
+
+
+@pytest.mark.one_python
+def test_tune_trains_each_grid_point_into_its_own_folder_and_scores_on_validation_only(compared):
+    root, _, _, tuned = compared
+    tune_dir = root / "results" / "multi30k_de_en-quick" / "tune"
+    table = (tune_dir / "tune.md").read_text()
+    assert table in tuned.stdout
+    assert "| system | lr | warmup_updates | lenpen | seeds | valid BLEU | valid loss |" in table
+    report = json.loads((tune_dir / "tune.json").read_text())
+    for system in ("softmax", "rela_g"):
+        points = report["systems"][system]["points"]
+        assert [p["train"] for p in points] == [{"lr": 0.002, "warmup_updates": 300},
+                                                {"lr": 0.002, "warmup_updates": 600}]
+        assert sum(p["chosen"] for p in points) == 1 and all(p["valid_loss"]["mean"] for p in points)
+        for name in (f"{system}@lr=0.002,warmup_updates=300", f"{system}@lr=0.002,warmup_updates=600"):
+            assert (root / "checkpoints" / "multi30k_de_en-quick" / name / "checkpoint_last.pt").exists()
+    chosen = json.loads((tune_dir / "tuned.json").read_text())["systems"]
+    assert set(chosen) == {"softmax", "rela_g"}
+    # the validation set only: 1,014 hypotheses per run, and no test-set result written by tune
+    assert all(len((tune_dir / "valid" / name).read_text().splitlines()) == 1014
+               for name in os.listdir(tune_dir / "valid") if name.endswith(".hyp"))
+    assert "test_2016_flickr" not in tuned.stderr + tuned.stdout
+
+
+@pytest.mark.one_python
+def test_compare_runs_each_system_at_its_tuned_setting_with_curves_and_significance(compared):
+    root, _, first, _ = compared
+    assert first.stderr.count("trained already") == 2  # tune.sh's runs of the chosen points
+    report = json.loads((root / "results" / "multi30k_de_en-quick" / "compare" / "compare.json").read_text())
+    for system in ("softmax", "rela_g"):
+        s = report["systems"][system]
+        assert s["setting"]["source"] == "tuned" and s["setting"]["describe"].startswith("lr 0.002, warmup_updates")
+        curve = s["runs"][0]["curve"]
+        assert [p["updates"] for p in curve if p["valid_bleu"] is not None] == [10, 20]
+        assert all(p["valid_loss"] is not None for p in curve) and s["brevity_penalty"]["mean"] is not None
+    test = report["systems"]["rela_g"]["significance"]
+    assert 0 < test["per_seed"]["1"]["p_value"] <= 1 and test["pooled"] is None  # one seed: nothing pooled
+    assert "significance" in report["systems"]["softmax"] and report["systems"]["softmax"]["significance"] is None
+    assert os.path.exists(root / "results" / "multi30k_de_en-quick" / "compare" / "learning_curves.png")
 
 
 @pytest.mark.one_python
 def test_compare_prints_the_table_and_writes_json_and_plots(compared):
-    root, _, first = compared
+    root, _, first, _ = compared
     out_dir = root / "results" / "multi30k_de_en-quick" / "compare"
     table = (out_dir / "compare.md").read_text()
     assert table in first.stdout
     header = table.splitlines()[0]
-    for column in ("BLEU", "chrF", "train ×softmax", "decode ×softmax", "sparsity % (enc/dec/cross)",
+    for column in ("setting", "BLEU", "chrF", "BP", "train ×softmax", "decode ×softmax", "sparsity % (enc/dec/cross)",
                    "null rate % (enc/dec/cross)", "JS nats (enc/dec/cross)"):
         assert column in header
     rows = [line for line in table.splitlines() if line.startswith("| softmax") or line.startswith("| ReLA-g")]
@@ -85,7 +127,7 @@ def test_compare_prints_the_table_and_writes_json_and_plots(compared):
 
 @pytest.mark.one_python
 def test_compare_again_trains_nothing(compared):
-    root, env, first = compared
+    root, env, first, _ = compared
     assert "fairseq-train" in first.stderr
     again = run_script("compare.sh", "multi30k_de_en", "softmax", "rela_g", env=env)
     assert "fairseq-train" not in again.stderr + again.stdout and "fairseq-generate" not in again.stderr
@@ -141,7 +183,7 @@ def test_compare_refuses_a_system_given_twice():
 def test_speed_end_to_end_times_fairseq_itself_on_the_trained_task(compared):
     """benchmarks/speed.py --end-to-end: fairseq-train's words/s and fairseq-generate's sentences/s from their own
     logs, ReLA-g also with RELA_FAIRSEQ_KERNEL=eager; a system without a trained checkpoint is a clear error."""
-    root, env, _ = compared
+    root, env, _, _ = compared
     speed = [sys.executable, os.path.join(REPO, "benchmarks", "speed.py"), "--end-to-end", "multi30k_de_en"]
     out = root / "e2e.json"
     proc = subprocess.run([*speed, "--systems", "rela_g", "--extra", "rela_g_eager", "--repeats", "1",

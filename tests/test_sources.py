@@ -4,12 +4,10 @@ local server, the paper's batch on any number of devices, no silent staleness, n
 import copy
 import os
 import re
-import shutil
 
 import pytest
-import yaml
 from archive_server import manifests, real_config, serve_config, write_local_configs
-from helpers import REPO
+from helpers import REPO, copy_configs, edit_yaml, pipeline_folders
 from test_pipeline import run_script, script_env
 
 from rela_fairseq.errors import RelaConfigError
@@ -171,19 +169,6 @@ def test_normalisation_keeps_words_apart():
 
 # --------------------------------------------------------------------------- no silent staleness, no silent typos
 
-def copy_configs(tmp_path):
-    configs = tmp_path / "configs"
-    shutil.copytree(os.path.join(REPO, "configs"), configs)
-    return configs
-
-
-def edit_yaml(path, edit):
-    data = yaml.safe_load(open(path))
-    edit(data)
-    with open(path, "w") as f:
-        yaml.safe_dump(data, f)
-
-
 def test_a_changed_sentencepiece_setting_reruns_that_step_and_the_ones_after(tmp_path):
     configs = copy_configs(tmp_path)
     env = script_env(tmp_path, QUICK=1, RELA_CONFIG_DIR=configs)
@@ -202,15 +187,6 @@ def test_a_changed_sentencepiece_setting_reruns_that_step_and_the_ones_after(tmp
     assert "already done" in run_script("prepare.sh", "toy", env=env).stderr
 
 
-def pipeline_folders(tmp_path, monkeypatch):
-    """The pipeline's configs (a copy), data, checkpoints and results under ``tmp_path``; returns the configs folder."""
-    configs = copy_configs(tmp_path)
-    for name, value in (("RELA_CONFIG_DIR", configs), ("DATA_ROOT", tmp_path / "data"),
-                        ("CHECKPOINT_ROOT", tmp_path / "checkpoints"), ("RESULTS_ROOT", tmp_path / "results")):
-        monkeypatch.setenv(name, str(value))
-    return configs
-
-
 def test_checkpoints_of_stale_data_are_refused(tmp_path, monkeypatch):
     import torch
 
@@ -222,7 +198,8 @@ def test_checkpoints_of_stale_data_are_refused(tmp_path, monkeypatch):
     task = load_task("toy", quick=True)
     prepare(task)
     checkpoint_dir = train_module.train(task, "rela_i")
-    torch.save({}, os.path.join(checkpoint_dir, "checkpoint_last.pt"))  # a complete archive: nothing to repair
+    # a complete archive part-way through training: nothing to repair, updates left to train
+    torch.save({"optimizer_history": [{"num_updates": 1}]}, os.path.join(checkpoint_dir, "checkpoint_last.pt"))
     train_module.train(task, "rela_i")  # a resume on the same data is fine
     edit_yaml(configs / "toy.yaml", lambda c: c["quick"]["sentencepiece"].update(vocab_size=200))
     task = load_task("toy", quick=True)
@@ -243,7 +220,7 @@ def test_a_resume_with_the_same_batch_options_warns_of_nothing(tmp_path, monkeyp
     prepare(task)
     own_batch = ["--max-tokens", "1000", "--update-freq", "4"]  # the user's split of the same tokens per update
     checkpoint_dir = train_module.train(task, "rela_i", own_batch)
-    torch.save({}, os.path.join(checkpoint_dir, "checkpoint_last.pt"))
+    torch.save({"optimizer_history": [{"num_updates": 1}]}, os.path.join(checkpoint_dir, "checkpoint_last.pt"))
     with caplog.at_level("WARNING"):
         train_module.train(task, "rela_i", own_batch)
     assert "resuming on" not in caplog.text  # the batch recorded is the batch run again
@@ -260,7 +237,7 @@ def test_checkpoints_of_another_vocabulary_from_the_same_settings_are_refused(tm
 
     import torch
 
-    from rela_fairseq.pipeline import compare
+    from rela_fairseq.pipeline import records
     from rela_fairseq.pipeline import train as train_module
     from rela_fairseq.pipeline.evaluate import evaluate
     from rela_fairseq.pipeline.prepare import prepare
@@ -271,7 +248,7 @@ def test_checkpoints_of_another_vocabulary_from_the_same_settings_are_refused(tm
     prepare(task)
     checkpoint_dir = train_module.train(task, "rela_i")
     torch.save({"optimizer_history": [{"num_updates": 30}]}, os.path.join(checkpoint_dir, "checkpoint_last.pt"))
-    assert compare._finished_updates(task, "rela_i", 1) == 30
+    assert records.finished_updates(task, "rela_i", 1, task.setting("rela_i")) == 30
     record = json.loads(open(os.path.join(checkpoint_dir, "run.json")).read())
     assert record["data_files"] and record["data"]
 
@@ -283,20 +260,21 @@ def test_checkpoints_of_another_vocabulary_from_the_same_settings_are_refused(tm
         train_module.train(task, "rela_i")
     with pytest.raises(RelaConfigError, match=r"the data of toy changed .* prepare the data as it was to evaluate"):
         evaluate(task, "rela_i")
-    assert compare._finished_updates(task, "rela_i", 1) is None  # trained again, where train() says why
+    assert records.finished_updates(task, "rela_i", 1, task.setting("rela_i")) is None  # train() says why
 
     # a record from before the digest: the fingerprint alone decides, and the resume records the digest
     del record["data_files"]
     with open(os.path.join(checkpoint_dir, "run.json"), "w") as f:
         json.dump(record, f)
-    train_module.train(task, "rela_i")
+    torch.save({"optimizer_history": [{"num_updates": 10}]}, os.path.join(checkpoint_dir, "checkpoint_last.pt"))
+    train_module.train(task, "rela_i")  # resumed (a finished run is not started again: nothing to record)
     assert json.loads(open(os.path.join(checkpoint_dir, "run.json")).read())["data_files"]
 
 
 def test_compare_reuses_a_result_only_under_the_same_evaluate_settings(tmp_path, monkeypatch, caplog):
     import json
 
-    from rela_fairseq.pipeline import compare
+    from rela_fairseq.pipeline import records
 
     pipeline_folders(tmp_path, monkeypatch)
     task = load_task("toy", quick=True)
@@ -304,26 +282,26 @@ def test_compare_reuses_a_result_only_under_the_same_evaluate_settings(tmp_path,
     open(os.path.join(task.checkpoint_dir("softmax"), "checkpoint_last.pt"), "w").close()
     evaluations = []
 
-    def fake_evaluate(task, system, seed=None):  # what evaluate() records of its settings
-        evaluations.append(dict(task["evaluate"]))
-        result = {"system": system, "evaluate_settings": task["evaluate"]}
+    def fake_evaluate(task, system, seed=None, setting=None, split="test"):  # what evaluate() records of its settings
+        evaluations.append(dict(setting.evaluate))
+        result = {"system": system, "evaluate_settings": setting.evaluate}
         os.makedirs(os.path.dirname(task.result_path(system, seed)), exist_ok=True)
         with open(task.result_path(system, seed), "w") as f:
             json.dump(result, f)
         return result
 
-    monkeypatch.setattr(compare, "evaluate", fake_evaluate)
-    compare._evaluate_if_needed(task, "softmax", 1, force=False)
-    compare._evaluate_if_needed(task, "softmax", 1, force=False)
+    monkeypatch.setattr(records, "evaluate", fake_evaluate)
+    records.evaluate_if_needed(task, "softmax", 1, task.setting("softmax"))
+    records.evaluate_if_needed(task, "softmax", 1, task.setting("softmax"))
     assert len(evaluations) == 1  # reused
     beam, task["evaluate"]["beam"] = task["evaluate"]["beam"], 5
     with caplog.at_level("INFO"):
-        compare._evaluate_if_needed(task, "softmax", 1, force=False)
+        records.evaluate_if_needed(task, "softmax", 1, task.setting("softmax"))
     assert len(evaluations) == 2 and evaluations[-1]["beam"] == 5
     assert f"evaluating again, the evaluate settings changed (beam: {beam} -> 5)" in caplog.text
     with open(task.result_path("softmax", 1), "w") as f:  # a result written before the settings were recorded
         json.dump({"system": "softmax", "generation": {"beam": 5, "lenpen": 0.6}}, f)
-    compare._evaluate_if_needed(task, "softmax", 1, force=False)
+    records.evaluate_if_needed(task, "softmax", 1, task.setting("softmax"))
     assert len(evaluations) == 3
 
 

@@ -3,13 +3,19 @@
 Every function writes PNG, and PDF too when ``pdf=True``; it returns the paths written.
 """
 
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ..attention_types import ATTENTION_TYPE, ATTENTION_TYPES
 from ..errors import require
 
+if TYPE_CHECKING:  # torch only for the type checker: the plots of saved statistics run without it
+    import torch
 
-def _pyplot():
+
+def _pyplot() -> Any:
     matplotlib = require("matplotlib", "rela-analyze plot", install="pip install matplotlib  "
                                                                   "(or: pip install 'rela-fairseq[analysis]')")
     matplotlib.use("Agg")
@@ -18,7 +24,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path, pdf):
+def _save(fig: Any, path: str, pdf: bool) -> list[str]:
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     base = path[:-4] if path.endswith(".png") else path
     written = [base + ".png"]
@@ -30,13 +36,15 @@ def _save(fig, path, pdf):
     return written
 
 
-def heatmap(weights, src_tokens, tgt_tokens, path, title="", pdf=False):
+def heatmap(weights: torch.Tensor, src_tokens: Sequence[str], tgt_tokens: Sequence[str], path: str, title: str = "",
+            pdf: bool = False) -> list[str]:
     """One panel per head: rows are target tokens (decoder steps), columns source tokens. Exact zeros are white;
     a null row (all zero: the head is switched off for that query) is marked with a red ∅ on its label."""
     return heatmap_grid({"": weights}, src_tokens, tgt_tokens, path, title, pdf, max_columns=4)
 
 
-def heatmap_grid(weights_by_label, src_tokens, tgt_tokens, path, title="", pdf=False, max_columns=None):
+def heatmap_grid(weights_by_label: dict[str, Any], src_tokens: Sequence[str], tgt_tokens: Sequence[str],
+                 path: str, title: str = "", pdf: bool = False, max_columns: Optional[int] = None) -> list[str]:
     """Heat maps of several models for one sentence: a row of head panels per label (``{label: weights [H, T, S]}``,
     same tokens); with one unlabelled model and ``max_columns``, its heads wrap onto several rows."""
     plt = _pyplot()
@@ -65,7 +73,8 @@ def heatmap_grid(weights_by_label, src_tokens, tgt_tokens, path, title="", pdf=F
     return _save(fig, path, pdf)
 
 
-def _heatmap_panel(fig, ax, cmap, w, src_tokens, tgt_tokens, title):
+def _heatmap_panel(fig: Any, ax: Any, cmap: Any, w: Any, src_tokens: Sequence[str], tgt_tokens: Sequence[str],
+                   title: str) -> None:
     import numpy as np
 
     ax.axis("on")
@@ -84,7 +93,7 @@ def _heatmap_panel(fig, ax, cmap, w, src_tokens, tgt_tokens, title):
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
 
 
-def layer_head_stats(summaries, path, metric="sparsity", pdf=False):
+def layer_head_stats(summaries: dict[str, dict], path: str, metric: str = "sparsity", pdf: bool = False) -> list[str]:
     """A layer × head grid of ``metric`` (sparsity | null_rate) per attention type, one row of panels per model.
 
     ``summaries``: {label: AttentionStats.summary()}."""
@@ -119,7 +128,7 @@ def layer_head_stats(summaries, path, metric="sparsity", pdf=False):
     return _save(fig, path, pdf)
 
 
-def aer_curves(results, path, pdf=False):
+def aer_curves(results: dict[str, dict], path: str, pdf: bool = False) -> list[str]:
     """AER by layer, best head (solid) and head average (dashed), normal and shifted side by side, one colour per
     model. ``results``: {label: align summary (``rows``: [{layer, best_head_normal, avg_normal, ...}])}."""
     plt = _pyplot()
@@ -140,5 +149,31 @@ def aer_curves(results, path, pdf=False):
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("AER (lower is better)")
     axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _save(fig, path, pdf)
+
+
+def learning_curve_plot(curves: dict, path: str, title: str = "", pdf: bool = False) -> list[str]:
+    """Validation loss and validation BLEU against updates, one colour per model and one line per seed.
+
+    ``curves``: {label: {seed: [{"updates", "valid_loss", "valid_bleu"}]}} (pipeline/curves.py)."""
+    plt = _pyplot()
+    fig, (loss_ax, bleu_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ("-", "--", ":", "-.")
+    for i, (label, by_seed) in enumerate(curves.items()):
+        for j, (seed, points) in enumerate(sorted(by_seed.items())):
+            for ax, key in ((loss_ax, "valid_loss"), (bleu_ax, "valid_bleu")):
+                xy = [(p["updates"], p[key]) for p in points if p.get(key) is not None]
+                if xy:
+                    ax.plot(*zip(*xy), styles[j % len(styles)], color=colours[i % len(colours)], marker=".",
+                            label=f"{label}, seed {seed}")
+    for ax, name in ((loss_ax, "validation loss (fairseq, label-smoothed, base 2)"), (bleu_ax, "validation BLEU")):
+        ax.set_xlabel("updates")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    bleu_ax.legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path, pdf)

@@ -1,6 +1,7 @@
 """The reproduction pipeline: ``python -m rela_fairseq.pipeline COMMAND ...``.
 
-scripts/prepare.sh, train.sh, evaluate.sh, reproduce.sh, results.sh and compare.sh call this; see their --help.
+scripts/prepare.sh, train.sh, evaluate.sh, reproduce.sh, results.sh, compare.sh and tune.sh call this; see their
+--help.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ EPILOG = """environment:
   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node training (train.sh on every node)
   RELA_TOOL_PREFIX                           a command put before each fairseq tool started (nice -n 10, numactl ...)
 """
+
+
+SET_HELP = ("SECTION.KEY=VALUE: a train or evaluate setting for every system, on top of the config and tune.sh's "
+            "choice (e.g. train.max_update=3000); runs with other training settings go to folders of their own "
+            "(SYSTEM@max_update=3000). Repeatable")
 
 
 def _tasks_help() -> str:
@@ -42,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("task", metavar="TASK", help=f"one of: {tasks}")
         if system:
             p.add_argument("system", metavar="SYSTEM", help=f"one of: {systems}")
+        if system:
+            p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP)
         if seed:
             p.add_argument("--seed", type=int, help=(
                 "evaluate the run trained with this seed (SYSTEM-seedN)" if name == "evaluate" else
@@ -74,6 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("systems", metavar="SYSTEM", nargs="*", help=f"default: all six ({systems})")
     p.add_argument("--seeds", type=int, default=1, help="train each system with this many seeds and report mean ± "
                                                         "standard deviation (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP)
+    p.add_argument("--shared-setting", action="store_true",
+                   help="ignore tune.sh's choices: every system at the config's settings (its systems block applies)")
+    p.add_argument("--mirror", help="as for prepare")
+    p = sub.add_parser("tune", help="tune every system the same way on the validation set: the config's tune.grid",
+                       description="train each system at every point of the config's tune.grid (each in a folder "
+                                   "of its own), score every run on the validation set only, choose the best point "
+                                   "per system and write it where compare.sh, train.sh and evaluate.sh pick it up "
+                                   "(RESULTS_ROOT/TASK/tune/tuned.json); prints the grid's table (tune.md, "
+                                   "tune.json). QUICK=1: two points",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", metavar="TASK", help=f"one of: {tasks}")
+    p.add_argument("systems", metavar="SYSTEM", nargs="*", help=f"default: all six ({systems})")
+    p.add_argument("--seeds", type=int, default=1, help="train every point with this many seeds; the choice takes "
+                                                        "their mean (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP)
     p.add_argument("--mirror", help="as for prepare")
     sub.add_parser("toy-report", help="softmax and ReLA-g side by side on the toy task, with plots "
                                       "(after reproduce toy softmax / rela_g)")
@@ -87,7 +111,8 @@ def fairseq_extra_args(remainder: list[str]) -> list[str]:
     return remainder[1:] if remainder[:1] == ["--"] else list(remainder)
 
 
-OWN_OPTIONS = {"seed": int, "mirror": str}  # the pipeline's options that the extra fairseq options may hold
+OWN_OPTIONS = {"seed": int, "mirror": str, "set": str}  # the pipeline's options that the extra fairseq options may hold
+LIST_OPTIONS = ("set",)  # repeatable: each one is added
 
 
 def take_own_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -107,7 +132,10 @@ def take_own_options(args: argparse.Namespace, parser: argparse.ArgumentParser) 
                 parser.error(f"argument {option}: expected one argument")
             value = rest.pop(0)
         try:
-            setattr(args, dest, OWN_OPTIONS[dest](value))
+            if dest in LIST_OPTIONS:
+                getattr(args, dest).append(value)
+            else:
+                setattr(args, dest, OWN_OPTIONS[dest](value))
         except ValueError:
             parser.error(f"argument {option}: invalid {OWN_OPTIONS[dest].__name__} value: {value!r}")
     args.fairseq_args = kept
@@ -116,7 +144,7 @@ def take_own_options(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args, unparsed = parser.parse_known_args(argv)
-    if unparsed and args.command == "compare" and not any(a.startswith("-") for a in unparsed):
+    if unparsed and args.command in ("compare", "tune") and not any(a.startswith("-") for a in unparsed):
         args.systems += unparsed  # SYSTEMs after an option (TASK --seeds 2 softmax rela_g): argparse stops there
     elif unparsed:
         parser.error(f"unrecognized arguments: {' '.join(unparsed)}")
@@ -146,15 +174,28 @@ def main(argv: list[str] | None = None) -> int:
         toy_report(load_task("toy"))
         return 0
     task = load_task(args.task)
-    if args.command == "compare":
-        from .compare import compare
+    from .config import parse_set_option
 
+    for text in getattr(args, "set", None) or []:
+        section, key, value = parse_set_option(text)
+        task.command_line[section][key] = value
+    if args.command in ("compare", "tune"):
         for system in args.systems:
             get_system(system)
             if args.systems.count(system) > 1:  # it would count as a second seed of itself
                 raise RelaFairseqError(f"{system} is given twice; name each system once (--seeds N for seeds)")
         if args.seeds < 1:
             raise RelaFairseqError(f"--seeds must be at least 1, got {args.seeds}")
+        if args.command == "tune":
+            from .tune import grid_points, tune
+
+            for system in args.systems or list(SYSTEMS):
+                grid_points(task, system)  # a task without a grid: an error before anything runs
+            tune(task, args.systems or list(SYSTEMS), seeds=args.seeds, mirror=args.mirror)
+            return 0
+        from .compare import compare
+
+        task.use_tuned = not args.shared_setting
         compare(task, args.systems or list(SYSTEMS), seeds=args.seeds, mirror=args.mirror)
         return 0
     if getattr(args, "system", None):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..errors import RelaConfigError, RelaFairseqError
 from ..systems import get_system
-from .config import Task
+from .config import Setting, Task
 from .fairseq_tool import command as fairseq_command
 from .runtime import USER_DIR, Hardware
 
@@ -85,25 +85,27 @@ def split_batch(tokens_per_update: int, max_tokens: int, devices: int, min_token
     return split
 
 
-def batch_for(task: Task, devices: int) -> BatchSplit:
-    settings = task["train"]
+def batch_for(task: Task, devices: int, setting: Setting | None = None) -> BatchSplit:
+    settings = setting.train if setting is not None else task["train"]
     longest = (task.get("clean") or {}).get("max_tokens", 250) + 1  # + </s>
     return split_batch(settings["tokens_per_update"], settings["max_tokens"], devices, longest)
 
 
 def train_command(task: Task, system: str, extra_args=(), hw: Hardware | None = None,
-                  seed: int | None = None) -> tuple[list[str], BatchSplit]:
-    """The fairseq-train options (list) for ``system`` on ``task``, and the batch split they use."""
+                  seed: int | None = None, setting: Setting | None = None) -> tuple[list[str], BatchSplit]:
+    """The fairseq-train options (list) for ``system`` on ``task`` at ``setting`` (default: the system's own,
+    ``Task.setting``), and the batch split they use."""
     hw = hw or Hardware(gpus=0, fp16=False, nodes=1, procs_per_node=1)
-    settings = task["train"]
-    split = batch_for(task, hw.devices)
+    setting = setting or task.setting(system)
+    settings = setting.train
+    split = batch_for(task, hw.devices, setting)
     cmd = [task.bin_dir, "--user-dir", USER_DIR, "--task", "translation",
            "--source-lang", task.src, "--target-lang", task.tgt, *get_system(system).fairseq_args(),
            "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--adam-eps", "1e-08",
            "--lr-scheduler", "inverse_sqrt", "--criterion", "label_smoothed_cross_entropy",
            "--max-tokens", str(split.max_tokens), "--update-freq", str(split.update_freq),
            "--seed", str(seed if seed is not None else settings["seed"]),
-           "--save-dir", task.checkpoint_dir(system, seed), "--log-format", "simple", "--num-workers", "2"]
+           "--save-dir", task.checkpoint_dir(system, seed, setting), "--log-format", "simple", "--num-workers", "2"]
     for key, option in OPTIONS.items():
         if settings.get(key) is not None:
             cmd += [option, str(settings[key])]
@@ -133,10 +135,11 @@ def overridden_batch(extra_args, split: BatchSplit) -> BatchSplit | None:
     return BatchSplit(split.tokens_per_update, max_tokens, update_freq, split.devices)
 
 
-def generate_command(task: Task, checkpoint: str, hw: Hardware, beam: int, lenpen: float, *extra: str) -> list[str]:
-    """fairseq-generate on the test set; ``extra`` options come last."""
+def generate_command(task: Task, checkpoint: str, hw: Hardware, beam: int, lenpen: float, *extra: str,
+                     subset: str = "test") -> list[str]:
+    """fairseq-generate on the test set (or another ``subset``); ``extra`` options come last."""
     return [*fairseq_command("fairseq-generate"), task.bin_dir, "--user-dir", USER_DIR, "--path", checkpoint,
-            "--gen-subset", "test", "--source-lang", task.src, "--target-lang", task.tgt, "--beam", str(beam),
+            "--gen-subset", subset, "--source-lang", task.src, "--target-lang", task.tgt, "--beam", str(beam),
             "--lenpen", str(lenpen),
             # fairseq otherwise drops the last batch when its size is not a multiple of 8 (fairseq#5036)
             "--required-batch-size-multiple", "1", "--no-progress-bar", *hw.fairseq_args(), *extra]

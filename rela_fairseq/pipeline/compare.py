@@ -7,28 +7,39 @@ not trained again, a result newer than its checkpoints is not evaluated again, a
 not recomputed, and the speed measurement is kept once it covers the systems compared. Every stage logs what it does
 (and fairseq its own progress).
 
+Each system runs at its own setting (``Task.setting``: the config's ``systems`` and tune.sh's choice on the
+validation set, where there is one; ``--shared-setting`` ignores tune.sh's), shown in the table. Every system is
+tested against softmax by paired bootstrap resampling (``significance.py``), and every run's learning curve
+(validation loss and BLEU per saved checkpoint, ``curves.py``) is plotted.
+
 Outputs, in RESULTS_ROOT/<task>/compare/: ``compare.md`` (the table), ``compare.json``, ``sparsity.png``,
-``null_rate.png`` (per layer and head, one row of panels per system) and ``cross_sentence<N>_layer<L>.png``
-(cross-attention of test sentence N in layer L, one row per system, one column per head).
+``null_rate.png`` (per layer and head, one row of panels per system), ``cross_sentence<N>_layer<L>.png``
+(cross-attention of test sentence N in layer L, one row per system, one column per head) and
+``learning_curves.png``.
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import logging
 import os
+import re
 import statistics
 import time
 
+from ..analyze.plots import learning_curve_plot
 from ..attention_types import ATTENTION_TYPES
-from ..averaging import checkpoint_updates
-from ..files import read_json, write_json
+from ..errors import MissingDependencyError
+from ..files import read_json, read_lines, write_json
 from ..systems import LABELS
 from .commands import training_seconds
-from .config import Task, data_changed
-from .evaluate import evaluate
-from .prepare import describe_changes, prepare
-from .train import repair_interrupted_copies, train
+from .config import Setting, Task
+from .curves import learning_curve
+from .evaluate import references
+from .prepare import prepare
+from .records import evaluate_if_needed, finished_updates, train_if_needed
+from .significance import compare_to_reference, mark
 
 logger = logging.getLogger(__name__)
 REFERENCE = "softmax"
@@ -40,8 +51,12 @@ def compare(task: Task, systems: list[str], seeds: int = 1, mirror: str | None =
     os.makedirs(out_dir, exist_ok=True)
     if REFERENCE not in systems:
         systems = [REFERENCE, *systems]
-        logger.info(f"adding {REFERENCE}: speeds are measured against it")
-    stage = _Stages(1 + len(systems) * seeds * 2 + len(systems) + 2)
+        logger.info(f"adding {REFERENCE}: speeds and significance are measured against it")
+    check_report_dependencies("compare.sh")  # before anything trains: the last step writes plots
+    settings = {system: task.setting(system) for system in systems}
+    for system, setting in settings.items():
+        logger.info(f"{LABELS[system]}: {setting.describe()} ({setting.source})")
+    stage = _Stages(1 + len(systems) * seeds * 3 + len(systems) + 3)
     stage("prepare the data")
     prepare(task, mirror=mirror)
     first_seed = task["train"]["seed"]
@@ -49,18 +64,26 @@ def compare(task: Task, systems: list[str], seeds: int = 1, mirror: str | None =
 
     runs: dict[str, list[dict]] = {}
     for system in systems:
+        setting = settings[system]
         for seed in seed_list:
             stage(f"{LABELS[system]}, seed {seed}: train")
-            trained_now = _train_if_needed(task, system, seed)
+            trained_now = train_if_needed(task, system, seed, setting)
             stage(f"{LABELS[system]}, seed {seed}: evaluate")
-            result = _evaluate_if_needed(task, system, seed, force=trained_now)
-            runs.setdefault(system, []).append(_run_entry(task, system, seed, result))
-        runs[system] += _further_finished_seeds(task, system, seed_list)
+            result = evaluate_if_needed(task, system, seed, setting, force=trained_now)
+            runs.setdefault(system, []).append(_run_entry(task, system, seed, setting, result))
+        runs[system] += _further_finished_seeds(task, system, seed_list, setting)
+        for entry in runs[system]:
+            stage(f"{LABELS[system]}, seed {entry['seed']}: learning curve")
+            entry["curve"] = learning_curve(task, system, entry["seed"], setting)
 
     analyses = {}
     for system in systems:
         stage(f"{LABELS[system]}: attention analysis")
         analyses[system] = _analyse_if_needed(task, system, out_dir)
+
+    stage(f"paired bootstrap resampling against {LABELS[REFERENCE]} on the test set")
+    tests = compare_to_reference({s: {r["seed"]: read_lines(r["hyp"]) for r in runs[s]} for s in systems},
+                                 references(task, "test"), REFERENCE)
 
     stage("speed against softmax (nothing else should run meanwhile)")
     speed = _speed_if_needed(task, systems, out_dir, stage)
@@ -71,7 +94,9 @@ def compare(task: Task, systems: list[str], seeds: int = 1, mirror: str | None =
         "quick": task.quick,
         "test_set": runs[systems[0]][0]["test_set"],
         "seeds": seed_list,
-        "systems": {s: _summary(s, runs[s], analyses[s], speed["systems"].get(s)) for s in systems},
+        "reference": REFERENCE,
+        "systems": {s: _summary(s, settings[s], runs[s], analyses[s], speed["systems"].get(s), tests.get(s))
+                    for s in systems},
         "speed": {k: v for k, v in speed.items() if k != "systems"},
         "signature": runs[systems[0]][0]["signature"],
         "wall_seconds": round(time.time() - started),
@@ -82,88 +107,73 @@ def compare(task: Task, systems: list[str], seeds: int = 1, mirror: str | None =
     with open(os.path.join(out_dir, "compare.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     plots = _plots(task, systems, analyses, out_dir)
+    plots += learning_curve_plot({LABELS[s]: {r["seed"]: r["curve"] for r in runs[s]} for s in systems},
+                                 os.path.join(out_dir, "learning_curves.png"), f"{task.name}: validation")
     print(table)
     print(f"\nwritten to {out_dir}: compare.md, compare.json and {len(plots)} plots")
     return report
 
 
+def check_report_dependencies(command: str) -> None:
+    """Fail before training anything when the last step (plots) could not run: matplotlib is missing."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingDependencyError("matplotlib", f"{command}'s plots",
+                                     "pip install 'rela-fairseq[analysis]'  (or: pip install matplotlib)")
+
+
 class _Stages:
     """Numbered progress lines: ``[compare 3/17] ReLA-g, seed 1: train``."""
 
-    def __init__(self, total: int):
-        self.total, self.n = total, 0
+    def __init__(self, total: int, name: str = "compare"):
+        self.total, self.n, self.name = total, 0, name
+        self.logger = logging.getLogger(f"rela_fairseq.pipeline.{name}")
 
     def __call__(self, what: str) -> None:
         self.n = min(self.n + 1, self.total)
-        logger.info(f"[compare {self.n}/{self.total}] {what}")
+        self.logger.info(f"[{self.name} {self.n}/{self.total}] {what}")
 
 
-# --------------------------------------------------------------------------- train and evaluate, reusing finished work
+# --------------------------------------------------------------------------- runs
 
-def _finished_updates(task: Task, system: str, seed: int) -> int | None:
-    """The updates of a finished run on the current data, or None if it must (still) be trained."""
-    checkpoint_dir = task.checkpoint_dir(system, seed)
-    last = os.path.join(checkpoint_dir, "checkpoint_last.pt")
-    record = os.path.join(checkpoint_dir, "run.json")
-    if not (os.path.exists(last) and os.path.exists(record)):
-        return None
-    if data_changed(task, read_json(record)):
-        return None  # train() explains that the data changed
-    repair_interrupted_copies(checkpoint_dir)
-    updates = checkpoint_updates(last)
-    return updates if updates >= task["train"]["max_update"] else None
-
-
-def _train_if_needed(task: Task, system: str, seed: int) -> bool:
-    updates = _finished_updates(task, system, seed)
-    if updates is not None:
-        logger.info(f"{task.run_name(system, seed)}: trained already ({updates} updates), reusing it")
-        return False
-    train(task, system, seed=seed)
-    return True
-
-
-def _evaluate_if_needed(task: Task, system: str, seed: int, force: bool) -> dict:
-    path = task.result_path(system, seed)
-    checkpoint_dir = task.checkpoint_dir(system, seed)
-    last = os.path.join(checkpoint_dir, "checkpoint_last.pt")
-    if not force and os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(last):
-        previous = read_json(path)
-        recorded = previous.get("evaluate_settings")
-        if recorded == task["evaluate"]:
-            logger.info(f"{task.run_name(system, seed)}: evaluated already, reusing {path}")
-            return previous
-        changes = describe_changes(recorded, task["evaluate"]) if recorded is not None else "not recorded"
-        logger.info(f"{task.run_name(system, seed)}: evaluating again, the evaluate settings changed ({changes})")
-    return evaluate(task, system, seed=seed)
-
-
-def _run_entry(task: Task, system: str, seed: int, result: dict) -> dict:
-    log_path = os.path.join(task.checkpoint_dir(system, seed), "train.log")
+def _run_entry(task: Task, system: str, seed: int, setting: Setting, result: dict) -> dict:
+    checkpoint_dir = task.checkpoint_dir(system, seed, setting)
+    log_path = os.path.join(checkpoint_dir, "train.log")
     seconds = None
     if os.path.exists(log_path):
         with open(log_path, encoding="utf-8") as f:
             seconds = training_seconds(f.read())
-    return {"seed": seed, "bleu": result["sacrebleu"]["score"], "chrf": result["chrf"]["score"],
-            "train_seconds": seconds, "checkpoint": os.path.join(task.checkpoint_dir(system, seed),
-                                                                 result["checkpoint"]),
-            "signature": result["sacrebleu"]["signature"], "test_set": result["test_set"]}
+    bleu = result["sacrebleu"]
+    return {"seed": seed, "run": task.run_name(system, seed, setting), "bleu": bleu["score"],
+            "brevity_penalty": _brevity_penalty(bleu.get("text", "")), "chrf": result["chrf"]["score"],
+            "train_seconds": seconds, "checkpoint": os.path.join(checkpoint_dir, result["checkpoint"]),
+            "hyp": task.result_path(system, seed, setting)[:-len(".json")] + ".hyp",
+            "signature": bleu["signature"], "test_set": result["test_set"]}
 
 
-def _further_finished_seeds(task: Task, system: str, seed_list: list[int]) -> list[dict]:
-    """Runs of other seeds that are finished and evaluated (from an earlier ``--seeds``): they count too."""
-    entries = []
-    prefix = f"{system}-seed"
+def _brevity_penalty(text: str) -> float | None:
+    """The brevity penalty in SacreBLEU's score line (``... (BP = 0.871 ratio = ...``)."""
+    match = re.search(r"BP = ([\d.]+)", text)
+    return float(match.group(1)) if match else None
+
+
+def _further_finished_seeds(task: Task, system: str, seed_list: list[int], setting: Setting) -> list[dict]:
+    """Runs of other seeds at the same setting that are finished and evaluated (from an earlier ``--seeds``): they
+    count too."""
+    entries: list[dict] = []
+    prefix = f"{task.run_name(system, None, setting)}-seed"
     if not os.path.isdir(task.checkpoint_root):
         return entries
     for name in sorted(os.listdir(task.checkpoint_root)):
         if not name.startswith(prefix) or not name[len(prefix):].isdigit():
             continue
         seed = int(name[len(prefix):])
-        path = task.result_path(system, seed)
-        if seed in seed_list or _finished_updates(task, system, seed) is None or not os.path.exists(path):
+        path = task.result_path(system, seed, setting)
+        if seed in seed_list or finished_updates(task, system, seed, setting) is None or not os.path.exists(path):
             continue
-        entries.append(_run_entry(task, system, seed, read_json(path)))
+        result = read_json(path)
+        if result.get("evaluate_settings") != setting.evaluate:
+            continue  # scored under other evaluate settings: compare --seeds evaluates it again
+        entries.append(_run_entry(task, system, seed, setting, result))
     return entries
 
 
@@ -221,13 +231,17 @@ def _mean_sd(values: list[float]) -> dict:
             "values": values}
 
 
-def _summary(system: str, runs: list[dict], attention: dict, speed: dict | None) -> dict:
+def _summary(system: str, setting: Setting, runs: list[dict], attention: dict, speed: dict | None,
+             test: dict | None) -> dict:
     types = attention["types"]
     return {
         "label": LABELS[system],
+        "setting": {"describe": setting.describe(), "source": setting.source, "overrides": setting.overrides},
         "runs": runs,
         "bleu": _mean_sd([r["bleu"] for r in runs]),
         "chrf": _mean_sd([r["chrf"] for r in runs]),
+        "brevity_penalty": _mean_sd([r["brevity_penalty"] for r in runs]),
+        "significance": test,
         "train_seconds": _mean_sd([r["train_seconds"] for r in runs]),
         "train_speed": speed and speed["train_ratio"],
         "decode_speed": speed and speed["decode_ratio"],
@@ -255,29 +269,38 @@ def _num(x: float | None, digits: int = 2) -> str:
 
 
 def markdown_table(report: dict) -> str:
-    """One row per system: BLEU and chrF (mean ± sd over seeds), speed × softmax, then sparsity, null rate and JS
-    head diversity per attention type (encoder self / decoder self / cross)."""
+    """One row per system: its setting, BLEU (mean ± sd over seeds, † where it differs from softmax's significantly)
+    and chrF, the brevity penalty, speed × softmax, then sparsity, null rate and JS head diversity per attention type
+    (encoder self / decoder self / cross)."""
     short = "/".join(t.short for t in ATTENTION_TYPES)
-    header = ["system", "seeds", "BLEU", "chrF", "train ×softmax", "decode ×softmax", f"sparsity % ({short})",
-              f"null rate % ({short})", f"JS nats ({short})", "train min"]
+    header = ["system", "setting", "seeds", "BLEU", "chrF", "BP", "train ×softmax", "decode ×softmax",
+              f"sparsity % ({short})", f"null rate % ({short})", f"JS nats ({short})", "train min"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in report["systems"].values():
         per_type = [" / ".join(fmt(s[key].get(t.name)) for t in ATTENTION_TYPES)
                     for key, fmt in (("sparsity", _pct), ("null_rate", _pct), ("js", _num))]
         minutes = s["train_seconds"]["mean"]
+        setting = s.get("setting") or {"describe": "shared", "source": "shared"}
+        setting_text = setting["describe"] + ("" if setting["source"] == "shared" else f" ({setting['source']})")
         lines.append("| " + " | ".join([
-            s["label"], str(s["bleu"]["n"]), _fmt_mean_sd(s["bleu"]), _fmt_mean_sd(s["chrf"]),
+            s["label"], setting_text, str(s["bleu"]["n"]), _fmt_mean_sd(s["bleu"]) + mark(s.get("significance")),
+            _fmt_mean_sd(s["chrf"]), _fmt_mean_sd(s.get("brevity_penalty") or _mean_sd([]), 2),
             _num(s["train_speed"]), _num(s["decode_speed"]), *per_type,
             "–" if minutes is None else f"{minutes / 60:.1f}"]) + " |")
     speed = report["speed"]
+    reference = report.get("reference", "softmax")
     notes = [
         "",
         f"{report['task']}{' (QUICK)' if report['quick'] else ''}, test set {report['test_set']}: SacreBLEU "
-        f"`{report['signature']}` and chrF, mean ± standard deviation over the seeds. Speed: fairseq's own words/s "
-        f"(training, {speed['updates']} updates from scratch) and sentences/s (decoding, about {speed['sentences']} "
-        f"test sentences, beam as evaluated) relative to softmax, median over {speed['rounds']} interleaved rounds "
-        "in the same run. Sparsity and null rate over valid query-key pairs of the test set (teacher-forced, first "
-        "seed); JS head diversity in nats. train min: fairseq's training time per run.",
+        f"`{report['signature']}` and chrF, mean ± standard deviation over the seeds; † the difference to "
+        f"{reference} is significant (p < 0.05, SacreBLEU's paired bootstrap resampling, 1,000 samples, over the "
+        "seed-pooled outputs; with one seed, that seed's). setting: what differs from the config's shared setting, "
+        "and where it comes from (config: the task config's systems; tuned: chosen by tune.sh on the validation set). "
+        f"BP: brevity penalty. Speed: fairseq's own words/s (training, {speed['updates']} updates from scratch) and "
+        f"sentences/s (decoding, about {speed['sentences']} test sentences, beam as evaluated) relative to softmax, "
+        f"median over {speed['rounds']} interleaved rounds in the same run. Sparsity and null rate over valid "
+        "query-key pairs of the test set (teacher-forced, first seed); JS head diversity in nats. train min: "
+        "fairseq's training time per run.",
     ]
     return "\n".join(lines + notes)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import RelaConfigError
@@ -63,6 +64,37 @@ ITEM = {  # one corpus of a split: where each side comes from
     "src_column": int,
     "tgt_column": int,
 }
+TRAIN_KEYS = {
+    "arch": str,
+    "tokens_per_update": int,  # kept on any number of devices (train.py)
+    "max_tokens": int,  # per device, at most
+    "lr": NUMBER,
+    "warmup_updates": int,
+    "warmup_init_lr": NUMBER,
+    "max_update": int,
+    "dropout": NUMBER,
+    "attention_dropout": NUMBER,
+    "activation_dropout": NUMBER,
+    "label_smoothing": NUMBER,
+    "weight_decay": NUMBER,
+    "clip_norm": NUMBER,
+    "save_interval_updates": int,
+    "keep_interval_updates": int,
+    "keep_last_epochs": int,
+    "validate_interval_updates": int,
+    "log_interval": int,
+    "seed": int,
+    "extra": ListOf(SCALAR),  # more fairseq-train options, verbatim
+}
+# what a tuning grid may vary: settings that change the trained model, or (evaluate) only how it is decoded
+TUNABLE_TRAIN_KEYS = ("lr", "warmup_updates", "warmup_init_lr", "max_update", "dropout", "attention_dropout",
+                      "activation_dropout", "label_smoothing", "weight_decay", "clip_norm")
+TUNABLE_EVALUATE_KEYS = ("lenpen", "beam", "max_len_a", "max_len_b")
+# train settings that do not change the trained weights (how often to log, how many old checkpoints to keep), and
+# max_update, which only says where training stops: a run may go on to a larger one. The others make a run's identity.
+BOOKKEEPING_TRAIN_KEYS = ("keep_interval_updates", "keep_last_epochs", "log_interval", "max_update")
+EVALUATE_KEYS = {"average_last": int, "beam": int, "lenpen": NUMBER, "max_tokens": int, "max_len_a": NUMBER,
+                 "max_len_b": int, "tokenized_bleu": bool}
 TASK_KEYS = {
     "description": str,
     "src": str,
@@ -92,30 +124,8 @@ TASK_KEYS = {
         "normalization_rule_name": str,
         "max_sentence_length": int,
     },
-    "train": {
-        "arch": str,
-        "tokens_per_update": int,  # kept on any number of devices (train.py)
-        "max_tokens": int,  # per device, at most
-        "lr": NUMBER,
-        "warmup_updates": int,
-        "warmup_init_lr": NUMBER,
-        "max_update": int,
-        "dropout": NUMBER,
-        "attention_dropout": NUMBER,
-        "activation_dropout": NUMBER,
-        "label_smoothing": NUMBER,
-        "weight_decay": NUMBER,
-        "clip_norm": NUMBER,
-        "save_interval_updates": int,
-        "keep_interval_updates": int,
-        "keep_last_epochs": int,
-        "validate_interval_updates": int,
-        "log_interval": int,
-        "seed": int,
-        "extra": ListOf(SCALAR),  # more fairseq-train options, verbatim
-    },
-    "evaluate": {"average_last": int, "beam": int, "lenpen": NUMBER, "max_tokens": int, "max_len_a": NUMBER,
-                 "max_len_b": int, "tokenized_bleu": bool},
+    "train": TRAIN_KEYS,
+    "evaluate": EVALUATE_KEYS,
     "compare": {  # scripts/compare.sh
         "heatmap_sentences": ListOf(int),  # test sentences whose cross-attention is plotted
         "speed_updates": int,  # fairseq-train updates timed per system and round
@@ -123,8 +133,17 @@ TASK_KEYS = {
         "speed_rounds": int,
     },
     "paper": MapOf(NUMBER, keys=tuple(SYSTEMS)),
+    # one system's own settings on top of train and evaluate: {rela_g: {train: {lr: 0.002}, evaluate: {lenpen: 1.0}}}
+    "systems": MapOf({"train": TRAIN_KEYS, "evaluate": EVALUATE_KEYS}, keys=tuple(SYSTEMS)),
+    "tune": {  # scripts/tune.sh: each system trained at every point of the grid, chosen on the validation set
+        "grid": {
+            "train": MapOf(ListOf(SCALAR), keys=TUNABLE_TRAIN_KEYS),  # trained: one run per combination
+            "evaluate": MapOf(ListOf(SCALAR), keys=TUNABLE_EVALUATE_KEYS),  # decoding only, on each run
+        },
+    },
 }
 SCHEMA = dict(TASK_KEYS, quick=TASK_KEYS)  # `quick`: overrides applied with QUICK=1, any key of a task
+TUNED_FILE = "tuned.json"  # tune.sh's choice per system, in RESULTS_ROOT/<task>/tune/
 REQUIRED_KEYS = ("description", "src", "tgt", "data", "sentencepiece.vocab_size", "train.arch",
                  "train.tokens_per_update", "train.max_tokens", "train.seed", "evaluate.average_last", "evaluate.beam",
                  "evaluate.lenpen", "evaluate.max_tokens")
@@ -207,6 +226,59 @@ def output_root(variable: str, default_name: str) -> str:
     return os.path.abspath(os.environ.get(variable) or os.path.join(PROJECT_ROOT, "work", default_name))
 
 
+def parse_set_option(text: str) -> tuple[str, str, Any]:
+    """``train.max_update=3000`` -> ("train", "max_update", 3000): one ``--set`` of compare, tune, train, evaluate
+    and reproduce, checked like a config's key (section, key, type)."""
+    import yaml
+
+    where, has_value, value_text = text.partition("=")
+    section, _, key = where.partition(".")
+    sections = {"train": TRAIN_KEYS, "evaluate": EVALUATE_KEYS}
+    if not has_value or section not in sections or not key:
+        raise RelaConfigError(f"--set {text!r}: give SECTION.KEY=VALUE with SECTION train or evaluate, e.g. "
+                              "--set train.max_update=3000")
+    if key not in sections[section] or key in ("seed", "extra"):
+        accepted = [k for k in sections[section] if k not in ("seed", "extra")]
+        raise RelaConfigError(f"--set {text!r}: unknown key {key!r} under {section}; accepted: {', '.join(accepted)}")
+    value = yaml.safe_load(value_text)
+    check_schema(value, sections[section][key], f"{section}.{key}", "--set")
+    return section, key, value
+
+
+def format_value(value: Any) -> str:
+    """A setting's value as names and tables show it: 0.002, 300, 1e-07."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One system's settings on a task: the task's shared ``train`` and ``evaluate`` settings with the system's own on
+    top (the config's ``systems``, tune.sh's choice, or a point of the tuning grid)."""
+
+    train: dict
+    evaluate: dict
+    overrides: dict  # {"train": {...}, "evaluate": {...}}: only what differs from the task's shared setting
+    source: str  # where the overrides come from: shared, config, tuned, config+tuned or grid
+
+    @property
+    def tag(self) -> str:
+        """The training overrides as a run's name carries them (``lr=0.002,warmup_updates=600``; '' for none), in the
+        order of the config's keys: runs of other training settings never share a folder."""
+        train = self.overrides["train"]
+        return ",".join(f"{key}={format_value(train[key])}" for key in TRAIN_KEYS if key in train)
+
+    def describe(self) -> str:
+        """``lr 0.002, lenpen 1`` or ``shared``: the overrides, for logs and tables."""
+        items = [f"{key} {format_value(value)}" for section in ("train", "evaluate")
+                 for key, value in self.overrides[section].items()]
+        return ", ".join(items) or "shared"
+
+    def identity(self) -> dict:
+        """What makes a run's weights: the training settings but the bookkeeping ones (run.json records it; a resume
+        refuses checkpoints trained otherwise)."""
+        return {key: value for key, value in self.train.items() if key not in BOOKKEEPING_TRAIN_KEYS}
+
+
 class Task:
     """One task's settings, with QUICK=1 overrides applied, and its paths."""
 
@@ -219,6 +291,9 @@ class Task:
         self.data_dir = os.path.join(output_root("DATA_ROOT", "data"), tag)
         self.checkpoint_root = os.path.join(output_root("CHECKPOINT_ROOT", "checkpoints"), tag)
         self.results_dir = os.path.join(output_root("RESULTS_ROOT", "results"), tag)
+        self.use_tuned = True  # compare --shared-setting turns tune.sh's choices off
+        self.command_line: dict = {"train": {}, "evaluate": {}}  # --set train.max_update=3000: on top of every system
+        self._tuned: dict | None = None
 
     def __getitem__(self, key: str) -> Any:
         return self.settings[key]
@@ -233,15 +308,67 @@ class Task:
     def bin_dir(self) -> str:
         return self.path("bin")
 
-    def run_name(self, system: str, seed: int | None = None) -> str:
-        """``system`` for the config's own seed, ``system-seedN`` for another (scripts/compare.sh --seeds)."""
-        return system if seed is None or seed == self["train"].get("seed", 1) else f"{system}-seed{seed}"
+    # ----------------------------------------------------------------------- one system's settings
 
-    def checkpoint_dir(self, system: str, seed: int | None = None) -> str:
-        return os.path.join(self.checkpoint_root, self.run_name(system, seed))
+    @property
+    def tune_dir(self) -> str:
+        return os.path.join(self.results_dir, "tune")
 
-    def result_path(self, system: str, seed: int | None = None) -> str:
-        return os.path.join(self.results_dir, f"{self.run_name(system, seed)}.json")
+    def tuned(self) -> dict:
+        """tune.sh's choice per system (``{system: {"train": {...}, "evaluate": {...}}}``), {} before tuning."""
+        if self._tuned is None:
+            import json
+
+            path = os.path.join(self.tune_dir, TUNED_FILE)
+            self._tuned = {}
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    self._tuned = {system: {section: chosen.get(section, {}) for section in ("train", "evaluate")}
+                                   for system, chosen in json.load(f)["systems"].items()}
+        return self._tuned
+
+    def setting(self, system: str, point: dict | None = None, tuned: bool | None = None) -> Setting:
+        """``system``'s settings: the shared ones, then the config's ``systems.<system>``, then either a grid
+        ``point`` ({"train": {...}, "evaluate": {...}}) or tune.sh's choice (unless ``tuned`` is False or
+        ``use_tuned`` is off). A value the config pins wins over a tuned one (tune.sh never tunes it for that
+        system); ``--set`` on the command line (``command_line``) wins over all."""
+        own = (self.get("systems") or {}).get(system) or {}
+        overrides = {section: dict(own.get(section) or {}) for section in ("train", "evaluate")}
+        sources = ["config"] if any(overrides.values()) else []
+        if point is not None:
+            for section in overrides:
+                overrides[section].update(point.get(section) or {})
+            sources = ["grid"]
+        elif (self.use_tuned if tuned is None else tuned) and system in self.tuned():
+            for section, chosen in self.tuned()[system].items():
+                for key, value in chosen.items():
+                    overrides[section].setdefault(key, value)
+            sources.append("tuned")
+        if any(self.command_line.values()):
+            for section in overrides:
+                overrides[section].update(self.command_line[section])
+            sources.append("--set")
+        shared = {"train": self["train"], "evaluate": self["evaluate"]}
+        overrides = {section: {key: value for key, value in values.items() if shared[section].get(key) != value}
+                     for section, values in overrides.items()}
+        return Setting(train=merge(shared["train"], overrides["train"]),
+                       evaluate=merge(shared["evaluate"], overrides["evaluate"]), overrides=overrides,
+                       source="+".join(sources) if any(overrides.values()) else "shared")
+
+    # ----------------------------------------------------------------------- where a run's files go
+
+    def run_name(self, system: str, seed: int | None = None, setting: Setting | None = None) -> str:
+        """``system`` for the shared setting and the config's own seed; ``system@lr=0.002`` for other training
+        settings (``Setting.tag``); ``-seedN`` after it for another seed (scripts/compare.sh --seeds)."""
+        tag = (setting or self.setting(system)).tag
+        name = f"{system}@{tag}" if tag else system
+        return name if seed is None or seed == self["train"].get("seed", 1) else f"{name}-seed{seed}"
+
+    def checkpoint_dir(self, system: str, seed: int | None = None, setting: Setting | None = None) -> str:
+        return os.path.join(self.checkpoint_root, self.run_name(system, seed, setting))
+
+    def result_path(self, system: str, seed: int | None = None, setting: Setting | None = None) -> str:
+        return os.path.join(self.results_dir, f"{self.run_name(system, seed, setting)}.json")
 
 
 def read_yaml(path: str) -> dict:
@@ -270,6 +397,8 @@ def load_task(name: str, quick: bool | None = None) -> Task:
     if missing:
         raise RelaConfigError(f"{path}: missing keys {', '.join(missing)}, in the file or in _defaults.yaml (required: "
                               f"{', '.join(REQUIRED_KEYS)})")
+    for tune_settings in (settings.get("tune"), (settings.get("quick") or {}).get("tune")):
+        _check_grid((tune_settings or {}).get("grid") or {}, path)
     data = settings["data"]
     if not data.get("generator"):
         absent = [key for key in ("downloads", "train", "valid", "test") if not data.get(key)]
@@ -279,10 +408,24 @@ def load_task(name: str, quick: bool | None = None) -> Task:
     return Task(name, settings, quick_mode() if quick is None else quick)
 
 
-def _lookup(settings: dict, dotted: str):
+def _check_grid(grid: dict, path: str) -> None:
+    """Each grid key's values: a non-empty list without repeats, each of the key's own type."""
+    for section, keys in (("train", TRAIN_KEYS), ("evaluate", EVALUATE_KEYS)):
+        for key, values in (grid.get(section) or {}).items():
+            where = f"tune.grid.{section}.{key}"
+            if not values:
+                raise RelaConfigError(f"{path}: {where} is empty; give at least one value")
+            for i, value in enumerate(values):
+                check_schema(value, keys[key], f"{where}[{i}]", path)
+            if len(set(values)) != len(values):
+                raise RelaConfigError(f"{path}: {where} = {values} names a value twice")
+
+
+def _lookup(settings: dict, dotted: str) -> Any:
+    value: Any = settings
     for part in dotted.split("."):
-        settings = settings.get(part) if isinstance(settings, dict) else None
-    return settings
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def _check_items(data: dict, path: str) -> None:

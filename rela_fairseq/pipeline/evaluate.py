@@ -17,17 +17,17 @@ from ..errors import RelaFairseqError
 from ..files import read_json, read_lines, write_json, write_lines
 from ..systems import LABELS
 from .commands import generate_command, generation_speed, length_limits, run_fairseq
-from .config import Task
+from .config import Setting, Task, format_value
 from .runtime import hardware
 from .train import check_data_unchanged, repair_interrupted_copies
 
 logger = logging.getLogger(__name__)
 
 
-def decode(task: Task, checkpoint: str, settings: dict, hw) -> tuple[list[str], str]:
-    """Hypotheses (sentencepiece pieces) of the test set, in test-set order, and fairseq-generate's output."""
+def decode(task: Task, checkpoint: str, settings: dict, hw, split: str = "test") -> tuple[list[str], str]:
+    """Hypotheses (sentencepiece pieces) of ``split`` (test or valid), in its order, and fairseq-generate's output."""
     cmd = generate_command(task, checkpoint, hw, settings["beam"], settings["lenpen"], "--max-tokens",
-                           str(settings["max_tokens"]), *length_limits(settings))
+                           str(settings["max_tokens"]), *length_limits(settings), subset=split)
     logger.info("running: " + " ".join(cmd))
     out = run_fairseq(cmd, "fairseq-generate")
     hyps = {}
@@ -59,7 +59,7 @@ def tokenized_compound_split(lines, lang):
             for line in lines]
 
 
-def score(task, hyps, refs):
+def score(task, hyps, refs, settings: dict | None = None):
     from sacrebleu.metrics import BLEU, CHRF
 
     bleu, chrf = BLEU(), CHRF()
@@ -70,7 +70,7 @@ def score(task, hyps, refs):
         "chrf": {"score": round(chrf_score.score, 2), "signature": str(chrf.get_signature()),
                  "text": chrf_score.format(signature=str(chrf.get_signature()))},
     }
-    if task["evaluate"].get("tokenized_bleu"):
+    if (settings or task["evaluate"]).get("tokenized_bleu"):
         tok = BLEU(tokenize="none", force=True)
         tok_score = tok.corpus_score(tokenized_compound_split(hyps, task.tgt),
                                      [tokenized_compound_split(refs, task.tgt)])
@@ -97,14 +97,22 @@ def checkpoints_to_average(checkpoint_dir: str, n: int, interval: int | None) ->
     return newest_checkpoints(checkpoint_dir, n, at_least=1)
 
 
-def evaluate(task: Task, system: str, seed: int | None = None) -> dict:
-    import fairseq
-    import sacrebleu
-    import torch
+def references(task: Task, split: str) -> list[str]:
+    """The references of ``split``: the test set exactly as distributed (raw/test.ref); for the validation set its
+    normalised text (raw/valid.<tgt>) where cleaning kept every pair, else the cleaned pairs' target pieces,
+    detokenised, so that they stay in line with the binarised set."""
+    if split == "test":
+        return read_lines(task.path("raw", "test.ref"))
+    raw = read_lines(task.path("raw", f"valid.{task.tgt}"))
+    pieces = read_lines(task.path("spm", f"valid.{task.tgt}"))
+    return raw if len(raw) == len(pieces) else detokenise(task, pieces)
 
-    settings = task["evaluate"]
-    run = task.run_name(system, seed)
-    checkpoint_dir = task.checkpoint_dir(system, seed)
+
+def averaged_checkpoint(task: Task, system: str, seed: int | None, setting: Setting) -> tuple[str, list[str]]:
+    """The checkpoint a run is scored with (the average of its last ``average_last`` interval saves, written beside
+    them) and the checkpoints averaged."""
+    checkpoint_dir = task.checkpoint_dir(system, seed, setting)
+    run = task.run_name(system, seed, setting)
     if not os.path.isdir(checkpoint_dir):
         raise RelaFairseqError(f"no checkpoints for {task.name}/{run} in {checkpoint_dir}: run "
                                f"scripts/train.sh {task.name} {system} first")
@@ -113,26 +121,49 @@ def evaluate(task: Task, system: str, seed: int | None = None) -> dict:
         check_data_unchanged(task, checkpoint_dir, read_json(run_record),
                              "prepare the data as it was to evaluate them, or train again")
     repair_interrupted_copies(checkpoint_dir)  # checkpoint_last.pt can be among the checkpoints averaged
-    interval = task["train"].get("save_interval_updates")
-    inputs = checkpoints_to_average(checkpoint_dir, settings["average_last"], interval)
-    if len(inputs) < settings["average_last"]:
-        logger.warning(f"averaging {len(inputs)} checkpoint(s), fewer than the {settings['average_last']} the config "
-                       "asks for")
-    if len(inputs) > 1:
-        checkpoint = os.path.join(checkpoint_dir, f"checkpoint_avg{len(inputs)}.pt")
-        logger.info(f"averaging {', '.join(os.path.basename(p) for p in inputs)}")
-        save_atomically(average_checkpoints(inputs), checkpoint)
-    else:
-        checkpoint = inputs[0]
-    pieces, generate_log = decode(task, checkpoint, settings, hardware())
-    refs = read_lines(task.path("raw", "test.ref"))
+    wanted = setting.evaluate["average_last"]
+    inputs = checkpoints_to_average(checkpoint_dir, wanted, setting.train.get("save_interval_updates"))
+    if len(inputs) < wanted:
+        logger.warning(f"averaging {len(inputs)} checkpoint(s), fewer than the {wanted} the config asks for")
+    if len(inputs) == 1:
+        return inputs[0], inputs
+    checkpoint = os.path.join(checkpoint_dir, f"checkpoint_avg{len(inputs)}.pt")
+    logger.info(f"averaging {', '.join(os.path.basename(p) for p in inputs)}")
+    save_atomically(average_checkpoints(inputs), checkpoint)
+    return checkpoint, inputs
+
+
+def translate_and_score(task: Task, checkpoint: str, settings: dict, split: str = "test") -> dict:
+    """Decode ``split`` with ``checkpoint`` under the evaluate ``settings``, detokenise and score against its
+    references: {"hyps", "scores", "generate_log"}."""
+    pieces, generate_log = decode(task, checkpoint, settings, hardware(), split)
+    refs = references(task, split)
     if len(pieces) != len(refs):
-        raise RelaFairseqError(f"fairseq-generate translated {len(pieces)} sentences but the test set has "
-                               f"{len(refs)}; refusing to score a partial test set")
+        raise RelaFairseqError(f"fairseq-generate translated {len(pieces)} sentences but the {split} set has "
+                               f"{len(refs)}; refusing to score a partial {split} set")
     hyps = detokenise(task, pieces)
-    write_lines(os.path.join(task.results_dir, f"{run}.hyp"), hyps)
-    write_lines(os.path.join(task.results_dir, f"{run}.generate.log"), generate_log.splitlines())
-    scores = score(task, hyps, refs)
+    return {"hyps": hyps, "scores": score(task, hyps, refs, settings), "generate_log": generate_log}
+
+
+def evaluate(task: Task, system: str, seed: int | None = None, setting: Setting | None = None,
+             split: str = "test") -> dict:
+    """Score one run at ``setting`` (default: the system's own) on ``split``: the test set (the run's result JSON,
+    hypotheses and fairseq-generate log in RESULTS_ROOT/<task>/) or the validation set (tune.sh's, in
+    RESULTS_ROOT/<task>/tune/valid/, one per evaluate setting)."""
+    import fairseq
+    import sacrebleu
+    import torch
+
+    setting = setting or task.setting(system)
+    settings = setting.evaluate
+    run = task.run_name(system, seed, setting)
+    checkpoint, inputs = averaged_checkpoint(task, system, seed, setting)
+    translated = translate_and_score(task, checkpoint, settings, split)
+    hyps, scores = translated["hyps"], translated["scores"]
+    path = result_path(task, system, seed, setting, split)
+    stem = path[:-len(".json")]
+    write_lines(stem + ".hyp", hyps)
+    write_lines(stem + ".generate.log", translated["generate_log"].splitlines())
     test = task["data"].get("sacrebleu") or {}
     result = {
         "task": task.name,
@@ -140,7 +171,8 @@ def evaluate(task: Task, system: str, seed: int | None = None) -> dict:
         "label": LABELS[system],
         "seed": seed if seed is not None else task["train"].get("seed", 1),
         "quick": task.quick,
-        "test_set": test.get("test_set") or task["data"].get("test_name", "local"),
+        "split": split,
+        "test_set": (test.get("test_set") or task["data"].get("test_name", "local")) if split == "test" else "valid",
         "langpair": test.get("langpair", f"{task.src}-{task.tgt}"),
         "sentences": len(hyps),
         **scores,
@@ -148,12 +180,15 @@ def evaluate(task: Task, system: str, seed: int | None = None) -> dict:
         "checkpoints": [os.path.basename(p) for p in inputs],
         "generation": {"beam": settings["beam"], "lenpen": settings["lenpen"]},
         "evaluate_settings": settings,  # all of them: compare reuses a result only under the same ones
-        "generate_speed": generation_speed(generate_log),
+        "setting": {"overrides": setting.overrides, "source": setting.source, "run": run},
+        "generate_speed": generation_speed(translated["generate_log"]),
         "versions": {"fairseq": fairseq.__version__, "torch": torch.__version__, "sacrebleu": sacrebleu.__version__},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    path = task.result_path(system, seed)
     write_json(path, result)
+    if split != "test":
+        logger.info(f"{run} on the validation set ({setting.describe()}): {scores['sacrebleu']['text']}")
+        return result
     where = f"{result['test_set']} -l {result['langpair']}" if test else "the local test set"
     print(f"{task.name} {LABELS[system]}{'' if run == system else f' ({run})'} on {where} ({len(hyps)} sentences):")
     print("  " + scores["sacrebleu"]["text"])
@@ -162,3 +197,13 @@ def evaluate(task: Task, system: str, seed: int | None = None) -> dict:
         print(f"  {scores['tokenized_bleu']['score']}  ({scores['tokenized_bleu']['label']})")
     print(f"  result: {path}")
     return result
+
+
+def result_path(task: Task, system: str, seed: int | None, setting: Setting, split: str = "test") -> str:
+    """Where ``evaluate`` writes a run's result: the test set's beside the others (Task.result_path), the validation
+    set's under tune/valid/, named after the run and the evaluate settings that differ from the shared ones."""
+    if split == "test":
+        return task.result_path(system, seed, setting)
+    decoding = ",".join(f"{key}={format_value(value)}" for key, value in sorted(setting.overrides["evaluate"].items()))
+    name = task.run_name(system, seed, setting) + (f"@{decoding}" if decoding else "")
+    return os.path.join(task.tune_dir, "valid", f"{name}.json")

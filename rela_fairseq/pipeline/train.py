@@ -27,9 +27,10 @@ from dataclasses import asdict
 from ..errors import RelaConfigError, RelaFairseqError
 from ..files import atomic_path, read_json, write_json
 from .commands import BatchSplit, overridden_batch, train_command
-from .config import Task, data_changed, data_record
+from .config import Setting, Task, data_changed, data_record
 from .fairseq_tool import command as fairseq_command
 from .fairseq_tool import prefix as tool_prefix
+from .prepare import describe_changes
 from .runtime import hardware, tool
 
 logger = logging.getLogger(__name__)
@@ -39,20 +40,25 @@ class TrainingFailed(RelaFairseqError):
         super().__init__(f"fairseq-train exited with code {returncode}; its output is in {log}")
 
 
-def train(task: Task, system: str, extra_args=(), seed: int | None = None) -> str:
-    """Train (or resume) one system; returns the checkpoint folder."""
+def train(task: Task, system: str, extra_args=(), seed: int | None = None, setting: Setting | None = None) -> str:
+    """Train (or resume) one system at ``setting`` (default: its own, ``Task.setting``); returns the checkpoint
+    folder."""
     if not os.path.exists(os.path.join(task.bin_dir, f"dict.{task.tgt}.txt")):
         raise RelaFairseqError(f"no binarised data for {task.name} in {task.bin_dir}: run "
                                f"scripts/prepare.sh {task.name} first")
     hw = hardware()
-    args, split = train_command(task, system, extra_args, hw, seed)
-    checkpoint_dir = task.checkpoint_dir(system, seed)
+    setting = setting or task.setting(system)
+    args, split = train_command(task, system, extra_args, hw, seed, setting)
+    checkpoint_dir = task.checkpoint_dir(system, seed, setting)
     os.makedirs(checkpoint_dir, exist_ok=True)
     repair_interrupted_copies(checkpoint_dir)
     overridden = overridden_batch(extra_args, split)
     # a resume compares the batch it will run (the user's, where extra options set it) with the one recorded
-    record = _check_resume(task, checkpoint_dir, overridden or split)
-    logger.info(f"{task.name}/{task.run_name(system, seed)}: {hw.describe()}, fp16={hw.fp16}")
+    record = _check_resume(task, checkpoint_dir, overridden or split, setting)
+    if training_complete(checkpoint_dir, args):
+        return checkpoint_dir
+    logger.info(f"{task.name}/{task.run_name(system, seed, setting)}: {hw.describe()}, fp16={hw.fp16}; "
+                f"settings: {setting.describe()} ({setting.source})")
     logger.info(f"batch: {split.describe()}")
     if overridden is not None and overridden.actual != split.actual:
         logger.warning(f"your extra options set the batch: {overridden.describe()}")
@@ -73,6 +79,74 @@ def train(task: Task, system: str, extra_args=(), seed: int | None = None) -> st
     if returncode != 0:
         raise TrainingFailed(returncode, log)
     return checkpoint_dir
+
+
+def fairseq_option(args: list[str], option: str) -> str | None:
+    """The value of fairseq-train's ``option`` in ``args`` (``--option VALUE`` or ``--option=VALUE``; the last one
+    wins, as in fairseq's parser), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(option + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def training_complete(checkpoint_dir: str, args: list[str]) -> bool:
+    """Whether checkpoint_last.pt already holds ``--max-update`` updates; then the removals of old checkpoints that a
+    kill may have cut short are done here, and fairseq-train must not run again: it trains one update before it
+    checks max_update (``fairseq_cli.train.train``), so every re-run after the last save (a kill during evaluation,
+    during fairseq's removals or its exit) would train past max_update."""
+    max_update = int(fairseq_option(args, "--max-update") or 0)
+    last = os.path.join(checkpoint_dir, "checkpoint_last.pt")
+    if max_update <= 0 or not os.path.exists(last):
+        return False
+    from ..averaging import checkpoint_updates
+
+    updates = checkpoint_updates(last)
+    if updates < max_update:
+        return False
+    removed = remove_old_checkpoints(checkpoint_dir, args)
+    logger.info(f"{last} holds {updates} updates, max_update is {max_update}: training is complete"
+                + (f" (removed {', '.join(removed)}, as fairseq-train would have after its last save)"
+                   if removed else ""))
+    return True
+
+
+def remove_old_checkpoints(checkpoint_dir: str, args: list[str]) -> list[str]:
+    """What fairseq's ``save_checkpoint`` removes after each save (``--keep-interval-updates``, its pattern,
+    ``--keep-last-epochs``, ``--keep-best-checkpoints``), for a save that was killed before its removals; returns the
+    names removed. fairseq keeps each kind at its limit after every save, so applying the limits now removes exactly
+    what that save would have."""
+    suffix = re.escape(fairseq_option(args, "--checkpoint-suffix") or "")
+    names = os.listdir(checkpoint_dir)
+
+    def numbered(pattern: str) -> list[tuple[float, str]]:  # (number, name), the highest first, as fairseq sorts
+        return sorted(((float(m.group(1)), m.group(0)) for m in map(re.compile(pattern).fullmatch, names) if m),
+                      reverse=True)
+
+    doomed = []
+    keep_interval = int(fairseq_option(args, "--keep-interval-updates") or -1)
+    if keep_interval > 0:
+        interval_saves = numbered(rf"checkpoint_\d+_(\d+){suffix}\.pt")
+        pattern = int(fairseq_option(args, "--keep-interval-updates-pattern") or -1)
+        if pattern != -1:
+            interval_saves = [(n, name) for n, name in interval_saves if n % pattern != 0]
+        doomed += [name for _, name in interval_saves[keep_interval:]]
+    keep_epochs = int(fairseq_option(args, "--keep-last-epochs") or -1)
+    if keep_epochs > 0:
+        doomed += [name for _, name in numbered(rf"checkpoint(\d+){suffix}\.pt")[keep_epochs:]]
+    keep_best = int(fairseq_option(args, "--keep-best-checkpoints") or -1)
+    if keep_best > 0:
+        metric = re.escape(fairseq_option(args, "--best-checkpoint-metric") or "loss")
+        best = numbered(rf"checkpoint\.best_{metric}_(\d+\.?\d*){suffix}\.pt")
+        if "--maximize-best-checkpoint-metric" not in args:
+            best = best[::-1]
+        doomed += [name for _, name in best[keep_best:]]
+    for name in doomed:
+        os.remove(os.path.join(checkpoint_dir, name))
+    return doomed
 
 
 # the files fairseq's checkpoint_utils.save_checkpoint writes: checkpoint{epoch}.pt, checkpoint_{epoch}_{updates}.pt,
@@ -143,12 +217,15 @@ def check_data_unchanged(task: Task, checkpoint_dir: str, record: dict, start_ov
                               f"no longer fit it; {start_over}")
 
 
-def _check_resume(task: Task, checkpoint_dir: str, split: BatchSplit) -> dict:
+def _check_resume(task: Task, checkpoint_dir: str, split: BatchSplit, setting: Setting | None = None) -> dict:
     """The run record of ``checkpoint_dir`` (new, or the one being resumed after checking that it still fits)."""
     path = os.path.join(checkpoint_dir, "run.json")
     data = data_record(task)  # hashes the dictionaries and sentencepiece model: once
     record = {"task": task.name, "quick": task.quick, **data, "tokens_per_update": split.tokens_per_update,
               "history": []}
+    if setting is not None:
+        record["settings"] = {"train": setting.identity(), "evaluate": setting.evaluate,
+                              "overrides": setting.overrides, "source": setting.source}
     has_checkpoint = os.path.exists(os.path.join(checkpoint_dir, "checkpoint_last.pt"))
     if not os.path.exists(path) or not has_checkpoint:
         return record
@@ -156,6 +233,10 @@ def _check_resume(task: Task, checkpoint_dir: str, split: BatchSplit) -> dict:
     start_over = (f"remove {checkpoint_dir} (or set CHECKPOINT_ROOT elsewhere) to train from scratch, or restore "
                   "the earlier settings to resume")
     check_data_unchanged(task, checkpoint_dir, previous, start_over, data)
+    trained_with = (previous.get("settings") or {}).get("train")
+    if setting is not None and trained_with is not None and trained_with != setting.identity():
+        raise RelaConfigError(f"the training settings changed since the checkpoints in {checkpoint_dir} were trained "
+                              f"({describe_changes(trained_with, setting.identity())}); {start_over}")
     if previous.get("tokens_per_update") != split.tokens_per_update:
         raise RelaConfigError(f"tokens_per_update is {split.tokens_per_update} in the config but the checkpoints in "
                               f"{checkpoint_dir} were trained with {previous.get('tokens_per_update')}; {start_over}")

@@ -2,7 +2,8 @@
 
 Use as ``--user-dir rela_fairseq`` (the path of this folder) with ``--arch transformer_rela``. Importing the package
 registers the model and its architectures, allow-lists the classes fairseq checkpoints need under torch's
-``weights_only`` loading, and makes the command-line tools print the plugin's own errors without a traceback.
+``weights_only`` loading, makes the command-line tools print the plugin's own errors without a traceback, and makes a
+resumed fairseq-train train on the batches an uninterrupted run trains on (``resume.py``).
 """
 
 __version__ = "0.3.5"
@@ -15,14 +16,17 @@ from .quiet import drop_known_log_lines
 
 
 def plug_into_fairseq() -> None:
-    """Register the model and its architectures with fairseq, allow-list fairseq's checkpoint classes and install the
-    one-line error hook. Importing the package does this; calling it again changes nothing (each part is idempotent:
-    a module imports once, the allow-list is a set, the hook checks for itself)."""
+    """Register the model and its architectures with fairseq, allow-list fairseq's checkpoint classes, install the
+    one-line error hook and make a resumed fairseq-train build the batches an uninterrupted run builds (resume.py).
+    Importing the package does this; calling it again changes nothing (each part is idempotent: a module imports
+    once, the allow-list is a set, the hook and the batches' wrapper check for themselves)."""
     from . import compat
     from .errors import install_excepthook
+    from .resume import build_batches_as_from_epoch_one
 
     compat.allow_fairseq_checkpoints()
     install_excepthook()
+    build_batches_as_from_epoch_one()
 
     from . import models  # noqa: F401  registers transformer_rela and its architectures
 

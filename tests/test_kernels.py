@@ -420,3 +420,28 @@ def test_environment_overrides_the_option(monkeypatch, ext):
     monkeypatch.delenv(kernels.ENV_VAR)
     with pytest.raises(RelaConfigError, match="--rela-kernel.*auto, fused, eager"):
         make_attention("rela", rela_kernel="fast")
+
+
+def test_a_build_killed_while_compiling_leaves_no_lock_that_hangs_every_later_process(ext, tmp_path, monkeypatch):
+    """torch's build lock is a plain file that a SIGKILL during a build leaves behind, and torch's next load (every
+    process takes the lock, even for a cached build) waits for it forever. The plugin holds an fcntl lock around the
+    load and removes such a file: a new process loads the cached build (copied to a private extension folder, with
+    the lock as a killed build leaves it) within the timeout."""
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+
+    from torch.utils import cpp_extension
+
+    name = kernels.extension_name()
+    cached = cpp_extension._get_build_directory(name, verbose=False)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
+    build = pathlib.Path(cpp_extension._get_build_directory(name, verbose=False))  # (it makes the folder)
+    shutil.copytree(cached, build, ignore=shutil.ignore_patterns("lock", "*.flock"), dirs_exist_ok=True)
+    (build / "lock").touch()  # as a killed build leaves it
+    proc = subprocess.run([sys.executable, "-c", "from rela_fairseq import kernels; "
+                           "assert kernels._CpuExtension.load() is not None, kernels._CpuExtension.failure"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "left by a build of the kernels that was killed" in proc.stderr and not (build / "lock").exists()

@@ -48,7 +48,8 @@ def main(command):
         if "code" in answer:
             code = answer["code"]
             if code < 0:  # killed by a signal: end the same way
-                signal.signal(-code, signal.SIG_DFL)
+                if -code not in (signal.SIGKILL, signal.SIGSTOP):  # those two have no handler to reset (OSError)
+                    signal.signal(-code, signal.SIG_DFL)
                 os.kill(os.getpid(), -code)
             sys.exit(code)
 

@@ -18,12 +18,13 @@ masks, incremental decoding, dropout statistics), the Triton ones in Triton's in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import sys
-from typing import Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -43,12 +44,13 @@ class KernelUnavailable(RelaFairseqError):
 class _Backend:
     """One device's kernels, loaded on first use; or why they are unavailable (said once, in one line)."""
 
-    module = None
+    module: Any = None
     failure: Optional[str] = None
     dtypes: tuple = ()
+    _load: Callable[[], Any]  # each backend's loader (a static method)
 
     @classmethod
-    def load(cls):
+    def load(cls) -> Any:
         if cls.module is None and cls.failure is None:
             try:
                 cls.module = cls._load()
@@ -66,7 +68,7 @@ class _CpuExtension(_Backend):
     dtypes = (torch.float32,)
 
     @staticmethod
-    def _load():
+    def _load() -> Any:
         return _build()
 
 
@@ -76,7 +78,7 @@ class _TritonKernels(_Backend):
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
 
     @staticmethod
-    def _load():
+    def _load() -> Any:
         try:
             from .rela_triton import TritonKernels
         except ImportError as exc:
@@ -87,7 +89,16 @@ class _TritonKernels(_Backend):
 BACKENDS = {"cpu": _CpuExtension, "cuda": _TritonKernels}
 
 
-def _build():
+def extension_name() -> str:
+    """The CPU extension's name in torch's extension cache: one build per Python, torch and instruction set (a
+    TORCH_EXTENSIONS_DIR shared by several environments, or machines sharing a home directory, must never load
+    another's build). The row loops (ReLU, dropout, norm, gate) are vectorised by the compiler: AVX2 where this CPU
+    has it."""
+    name = re.sub(r"\W", "_", f"rela_fairseq_cpu_py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}")
+    return name + ("_avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "")
+
+
+def _build() -> Any:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise KernelUnavailable(f"no C++ compiler: {compiler!r} is not on PATH")
@@ -103,17 +114,37 @@ def _build():
     if not cpp_extension.is_ninja_available():
         raise KernelUnavailable("ninja is not installed: pip install ninja (or rela-fairseq[kernels])")
     flags = ["-O3", "-fopenmp", "-fno-trapping-math"]  # the last lets the compiler vectorise exp_approx
-    # one build per Python, torch and instruction set: a TORCH_EXTENSIONS_DIR shared by several environments (or
-    # machines sharing a home directory) must never load another's build
-    name = re.sub(r"\W", "_", f"rela_fairseq_cpu_py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}")
-    # the row loops (ReLU, dropout, norm, gate) are vectorised by the compiler: AVX2 where this CPU has it
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    name = extension_name()
+    if name.endswith("_avx2"):
         flags += ["-mavx2", "-mfma"]
-        name += "_avx2"
     logger.info("rela_fairseq: loading the fused ReLA CPU kernels (compiled on first use, about half a minute, then "
                 "cached; --rela-kernel eager skips them)")
-    return cpp_extension.load(name=name, sources=[SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                              verbose=False)
+    with _one_build_at_a_time(cpp_extension._get_build_directory(name, verbose=False)):
+        return cpp_extension.load(name=name, sources=[SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                  verbose=False)
+
+
+@contextlib.contextmanager
+def _one_build_at_a_time(directory: str) -> Iterator[None]:
+    """torch's own build lock (``lock`` in the build folder, a file created exclusively and removed when the build
+    ends) outlives a process killed while building, and every later process then waits for it forever, after the
+    line "loading the fused ReLA CPU kernels" (seen when a pre-empted job was killed during its first build). An fcntl
+    lock on a file beside it is released by the kernel when its process dies: holding it, this process is the only
+    one of the plugin's building or loading there, so a ``lock`` file found is a dead build's and is removed. Where
+    fcntl is missing (Windows), torch's lock alone."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "rela_fairseq_build.flock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = os.path.join(directory, "lock")
+        if os.path.exists(stale):
+            logger.warning(f"rela_fairseq: removing {stale}, left by a build of the kernels that was killed")
+            os.remove(stale)
+        yield
 
 
 def selected(kernel: str) -> str:
@@ -125,7 +156,7 @@ def selected(kernel: str) -> str:
     return choice
 
 
-def extension_for(x: Tensor, kernel: str):
+def extension_for(x: Tensor, kernel: str) -> Any:
     """The fused kernels to run on ``x`` under ``--rela-kernel kernel``, or None for the eager path.
 
     ``auto`` and ``fused`` both run tensors the kernels do not take (float64 anywhere, fp16 and bf16 on a CPU) eagerly,
@@ -151,14 +182,14 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
-def attention_supported(ext, batch_heads: int, head_dim: int) -> bool:
+def attention_supported(ext: Any, batch_heads: int, head_dim: int) -> bool:
     """Whether ``ext``'s attention core takes ``batch_heads`` blocks of ``head_dim`` (the CPU kernel: any; Triton:
     within its launch limits, ``TritonKernels.max_batch_heads`` and ``max_head_dim``)."""
     return (batch_heads <= getattr(ext, "max_batch_heads", batch_heads)
             and head_dim <= getattr(ext, "max_head_dim", head_dim))
 
 
-def norm_supported(ext, width: int, embed_dim: int) -> bool:
+def norm_supported(ext: Any, width: int, embed_dim: int) -> bool:
     """Whether ``ext`` fuses an RMSNorm over rows of ``width`` (the CPU kernel: any; Triton: the full width)."""
     return width == embed_dim or "head" in getattr(ext, "norm_scopes", ("all", "head"))
 
@@ -167,21 +198,22 @@ class FusedAttention(torch.autograd.Function):
     """O = dropout(act(scale · Q Kᵀ + masks)) V per (batch × head) block, without storing the scores."""
 
     @staticmethod
-    def forward(ctx, ext, q: Tensor, k: Tensor, v: Tensor, padding: Optional[Tensor], additive: Optional[Tensor],
-                heads: int, scale: float, squared: bool, p: float, seed: int) -> Tensor:
+    def forward(ctx: Any, ext: Any, q: Tensor, k: Tensor, v: Tensor, padding: Optional[Tensor],
+                additive: Optional[Tensor], heads: int, scale: float, squared: bool, p: float, seed: int) -> Tensor:
         ctx.save_for_backward(q, k, v)
         ctx.ext, ctx.masks, ctx.args = ext, (padding, additive), (heads, scale, squared, p, seed)
         return ext.attention_forward(q, k, v, padding, additive, heads, scale, squared, p, seed)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
         q, k, v = ctx.saved_tensors
         dq, dk, dv = ctx.ext.attention_backward(grad_out, q, k, v, *ctx.masks, *ctx.args)
         return None, dq, dk, dv, None, None, None, None, None, None, None
 
 
-def fused_attention(ext, q: Tensor, k: Tensor, v: Tensor, *, heads: int, scale: float, padding: Optional[Tensor] = None,
-                    attn_mask: Optional[Tensor] = None, squared: bool = False, dropout: float = 0.0) -> Tensor:
+def fused_attention(ext: Any, q: Tensor, k: Tensor, v: Tensor, *, heads: int, scale: float,
+                    padding: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None, squared: bool = False,
+                    dropout: float = 0.0) -> Tensor:
     """Steps 2-6 of docs/method.md. q [B·H, T, d_h] (unscaled), k, v [B·H, S, d_h], any layout whose last dimension is
     contiguous (fairseq's time-major views need no copy); padding [B, S] (True = pad); attn_mask [T, S], added to the
     scores (fairseq's causal mask, 0 / -inf) or bool (True = masked). Returns O [B·H, T, d_h] as a view of a
@@ -204,20 +236,22 @@ class FusedGatedRMSNorm(torch.autograd.Function):
     """y = g ⊙ z / sqrt(mean(z²) + ε) [⊙ σ(w ⊙ z)] over rows of ``width``: one pass each way."""
 
     @staticmethod
-    def forward(ctx, ext, z: Tensor, gain: Tensor, gate: Optional[Tensor], width: int, eps: float) -> Tensor:
+    def forward(ctx: Any, ext: Any, z: Tensor, gain: Tensor, gate: Optional[Tensor], width: int,
+                eps: float) -> Tensor:
         y, rstd = ext.norm_forward(z, gain, gate, width, eps)
         ctx.save_for_backward(z, gain, gate, rstd)
         ctx.ext, ctx.width = ext, width
         return y
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         z, gain, gate, rstd = ctx.saved_tensors
         dz, dgain, dgate = ctx.ext.norm_backward(grad, z, gain, gate, rstd, ctx.width)
         return None, dz, dgain, (dgate if gate is not None else None), None, None
 
 
-def fused_gated_rms_norm(ext, z: Tensor, gain: Tensor, gate: Optional[Tensor], width: int, eps: float) -> Tensor:
+def fused_gated_rms_norm(ext: Any, z: Tensor, gain: Tensor, gate: Optional[Tensor], width: int,
+                         eps: float) -> Tensor:
     """Step 7 (RMSNorm, ReLA-g's gate if ``gate`` is given) in one kernel per direction; without gradients (decoding)
     the forward kernel alone, no autograd bookkeeping."""
     if torch.is_grad_enabled():

@@ -32,19 +32,19 @@ ATTN_FN = ChoiceEnum(list(ATTENTION_FUNCTIONS))
 class AttentionSettings(FairseqDataclass):
     """Everything that defines the attention function of a module (one type's override already applied)."""
 
-    attn_fn: ATTN_FN = field(default="rela", metadata={"help": "attention function of all three attention types"})
-    rela_variant: ChoiceEnum(VARIANTS) = field(
+    attn_fn: ATTN_FN = field(default="rela", metadata={"help": "attention function of all three attention types"})  # type: ignore[valid-type]
+    rela_variant: ChoiceEnum(VARIANTS) = field(  # type: ignore[valid-type]
         default="gated", metadata={"help": "gated: ReLA-g, RMSNorm with gain 1 and a sigmoid gate; init: ReLA-i, "
                                            "RMSNorm with a small random gain and no gate"})
-    rela_norm: ChoiceEnum(NORMS) = field(
+    rela_norm: ChoiceEnum(NORMS) = field(  # type: ignore[valid-type]
         default="rms", metadata={"help": "norm on the concatenated head outputs"})
-    rela_norm_scope: ChoiceEnum(NORM_SCOPES) = field(
+    rela_norm_scope: ChoiceEnum(NORM_SCOPES) = field(  # type: ignore[valid-type]
         default="all", metadata={"help": "all: one norm over the full width (the paper); head: one per head"})
-    rela_gain_init: Optional[ChoiceEnum(GAIN_INITS)] = field(
+    rela_gain_init: Optional[ChoiceEnum(GAIN_INITS)] = field(  # type: ignore[valid-type]
         default=None, metadata={"help": "norm gain init (default: ones for gated, xavier for init)"})
-    rela_activation: ChoiceEnum(ACTIVATIONS) = field(
+    rela_activation: ChoiceEnum(ACTIVATIONS) = field(  # type: ignore[valid-type]
         default="relu", metadata={"help": "relu, or squared relu"})
-    rela_kernel: ChoiceEnum(KERNELS) = field(
+    rela_kernel: ChoiceEnum(KERNELS) = field(  # type: ignore[valid-type]
         default="auto", metadata={"help": "ReLA's attention core, norm and gate: fused (compiled kernels, C++ on CPU, "
                                           "compiled on first use), eager (PyTorch operators), or auto (fused where "
                                           "available, else eager with a one-line message); same results. The "
@@ -88,11 +88,23 @@ PAPER_DEFAULTS = {  # transformer_rela's own defaults for fairseq's Transformer 
     "share_decoder_input_output_embed": True,
 }
 SUB_CONFIGS = ("encoder", "decoder", "quant_noise")
+# TransformerConfig types these as lists, but fairseq's code reads strings: checkpoint_utils.prune_state_dict and
+# build_model split the layers to keep on commas (LayerDrop pruning, fairseq's examples/layerdrop:
+# --model-overrides "{'encoder_layers_to_keep': '0,2', 'decoder_layers_to_keep': '1'}"), and the decoder reads the
+# cutoffs with utils.eval_str_list (a list, or a string such as '5000,20000'). The stock ``transformer`` keeps its
+# config as a Namespace that nothing checks against those types; ours is merged into this dataclass, whose List[int]
+# refused the strings (issue 23). fairseq's own flat dataclass, transformer_lm's, types decoder_layers_to_keep so too.
+FLAT_TYPES = {
+    "encoder_layers_to_keep": Optional[str],
+    "decoder_layers_to_keep": Optional[str],
+    "adaptive_softmax_cutoff": Optional[Any],  # training stores a list, an override may give the string
+}
 
 
 def _flat_transformer_fields() -> list:
     """TransformerConfig's fields as fairseq-train's flat options name them (``encoder.embed_dim`` ->
-    ``encoder_embed_dim``, interpolations likewise), with transformer_rela's own defaults (``PAPER_DEFAULTS``)."""
+    ``encoder_embed_dim``, interpolations likewise), with transformer_rela's own defaults (``PAPER_DEFAULTS``) and the
+    types fairseq really reads (``FLAT_TYPES``)."""
     specs = []
     for f in fields(TransformerConfig):
         if f.name in SUB_CONFIGS:
@@ -104,7 +116,7 @@ def _flat_transformer_fields() -> list:
             default = PAPER_DEFAULTS.get(name, g.default)
             if isinstance(default, str) and default.startswith("${model."):
                 default = "${model." + default[len("${model."):-1].replace(".", "_") + "}"
-            specs.append((name, g.type, field(default=default, metadata=dict(g.metadata))))
+            specs.append((name, FLAT_TYPES.get(name, g.type), field(default=default, metadata=dict(g.metadata))))
     return specs
 
 
@@ -128,7 +140,7 @@ RelaTransformerConfig = make_dataclass(
 
 def field_choices(f) -> Optional[list]:
     kind = f.type.__args__[0] if getattr(f.type, "__args__", None) else f.type
-    return [c.value for c in kind] if isinstance(kind, type) and hasattr(kind, "__members__") else None
+    return [c.value for c in kind] if isinstance(kind, type) and hasattr(kind, "__members__") else None  # type: ignore[attr-defined]
 
 
 def _plain(value):
@@ -163,5 +175,5 @@ def flat_namespace(cfg: Any) -> argparse.Namespace:
         return cfg
     from omegaconf import OmegaConf
 
-    return argparse.Namespace(**OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    return argparse.Namespace(**OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))  # type: ignore[arg-type]
 

@@ -39,7 +39,7 @@ setup(
         # bring Triton, which runs the GPU ones
         "kernels": ["ninja"],
         # Triton also runs the GPU kernels' tests on a CPU, in its interpreter
-        "test": ["pytest>=7", "matplotlib>=3.5", "ruff==0.17.6", "ninja",
+        "test": ["pytest>=7", "matplotlib>=3.5", "ruff==0.17.6", "mypy==1.20.2", "ninja",
                  "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     entry_points={

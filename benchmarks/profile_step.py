@@ -15,12 +15,15 @@ in decoding ``rela_fairseq::attention_step`` and ``rela_fairseq::norm_forward`` 
     python benchmarks/profile_step.py --mode decode --length 48         # beam search, 16 sentences
 """
 
+from __future__ import annotations
+
 import argparse
 import collections
 import json
 import os
 import sys
 import time
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -28,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import speed  # noqa: E402  the same models and batches as the benchmark
 
 
-def profiled(work, device, totals):
+def profiled(work: Callable[[], object], device: torch.device, totals: collections.defaultdict[str, float]) -> float:
     """Runs ``work()`` under torch.profiler; adds each operator's self CPU time (ms) to ``totals``; returns wall
     seconds."""
     from torch.profiler import ProfilerActivity, profile
@@ -49,20 +52,20 @@ class NamedKernels:
     run outside autograd, so no operator names them, and their time would count as the self time of whatever scope
     called them (``EnsembleModel: forward_decoder``)."""
 
-    def __init__(self, module):
+    def __init__(self, module: Any) -> None:
         self.module = module
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Callable[..., Any]:
         kernel = getattr(self.module, name)
 
-        def named(*args, **kwargs):
+        def named(*args: Any, **kwargs: Any) -> Any:
             with torch.profiler.record_function(f"rela_fairseq::{name}"):
                 return kernel(*args, **kwargs)
 
         return named
 
 
-def name_kernel_calls(device):
+def name_kernel_calls(device: torch.device) -> None:
     from rela_fairseq import kernels
 
     backend = kernels.BACKENDS.get(device.type)
@@ -70,7 +73,7 @@ def name_kernel_calls(device):
         backend.module = NamedKernels(backend.module)
 
 
-def run(args):
+def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     if args.mode == "decode":  # in training, the kernels' autograd functions name them (FusedAttention, ...)
         name_kernel_calls(device)
@@ -82,7 +85,7 @@ def run(args):
     sample = {"net_input": {k: v[: args.decode_sentences] for k, v in batch["net_input"].items()
                             if k != "prev_output_tokens"}}
 
-    def work(system):
+    def work(system: str) -> Callable[[], object]:
         if args.mode == "train":
             models[system].train()
             return lambda: speed.train_step(models[system], optimizers[system], batch)
@@ -90,7 +93,7 @@ def run(args):
 
     for system in systems:  # warm-up, and Adam's state
         work(system)()
-    totals = {s: collections.defaultdict(float) for s in systems}
+    totals: dict[str, collections.defaultdict[str, float]] = {s: collections.defaultdict(float) for s in systems}
     wall = {s: 0.0 for s in systems}
     for step in range(args.steps):
         for system in systems if step % 2 == 0 else systems[::-1]:
@@ -106,7 +109,7 @@ def run(args):
             "self_ms_per_step": {s: sum(per_step[s].values()) for s in systems}, "ops": rows}
 
 
-def report(result, top):
+def report(result: dict[str, Any], top: int) -> str:
     system = result["settings"]["system"]
     sec = result["seconds_per_step"]
     settings = result["settings"]
@@ -124,7 +127,7 @@ def report(result, top):
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--system", default="rela_g", choices=[s for s in {**speed.SYSTEMS, **speed.EXTRA_SYSTEMS}
@@ -145,7 +148,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     speed.quiet_logging()
     speed.ignore_kernel_override()

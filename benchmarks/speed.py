@@ -24,6 +24,8 @@ paper).
     python benchmarks/speed.py --json out.json --device cuda
 """
 
+from __future__ import annotations
+
 import argparse
 import ctypes
 import gc
@@ -35,6 +37,7 @@ import statistics
 import sys
 import threading
 import time
+from typing import Any, Iterable, Literal, Optional, Sequence
 
 import torch
 
@@ -67,7 +70,7 @@ E2E_VARIANTS = {"rela_g_eager": ("rela_g", {"RELA_FAIRSEQ_KERNEL": "eager"}),
 class Dictionary:
     """What fairseq's models and SequenceGenerator need from a vocabulary."""
 
-    def __init__(self, size):
+    def __init__(self, size: int) -> None:
         from fairseq.data import Dictionary as FairseqDictionary
 
         self.d = FairseqDictionary()
@@ -76,11 +79,11 @@ class Dictionary:
 
 
 class Task:
-    def __init__(self, dictionary):
+    def __init__(self, dictionary: Any) -> None:
         self.source_dictionary = self.target_dictionary = dictionary
 
 
-def build(system, config, dictionary, device, seed=1):
+def build(system: str, config: str, dictionary: Any, device: torch.device, seed: int = 1) -> torch.nn.Module:
     from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 
     import rela_fairseq  # noqa: F401  registers transformer_rela
@@ -97,14 +100,14 @@ def build(system, config, dictionary, device, seed=1):
     return ARCH_MODEL_REGISTRY[arch].build_model(args, Task(dictionary)).to(device)
 
 
-def make_batch(dictionary, tokens, length, device, seed=0):
+def make_batch(dictionary: Any, tokens: int, length: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
     """Source and target batches of about ``tokens`` target tokens, lengths between length/2 and length."""
     gen = torch.Generator().manual_seed(seed)
     n = max(1, tokens // length)
     lengths = torch.randint(max(2, length // 2), length + 1, (n,), generator=gen)
     pad, eos, low = dictionary.pad(), dictionary.eos(), dictionary.nspecial
 
-    def pad_batch(left):
+    def pad_batch(left: bool) -> torch.Tensor:
         out = torch.full((n, length), pad, dtype=torch.long)
         for i, m in enumerate(lengths.tolist()):
             words = torch.cat([torch.randint(low, len(dictionary), (m - 1,), generator=gen), torch.tensor([eos])])
@@ -129,11 +132,11 @@ def make_batch(dictionary, tokens, length, device, seed=0):
 class PeakMemory:
     """Peak memory growth during a block: CUDA allocator peak, or sampled resident memory on CPU."""
 
-    def __init__(self, device):
+    def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak = 0
 
-    def __enter__(self):
+    def __enter__(self) -> PeakMemory:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -148,12 +151,12 @@ class PeakMemory:
         self.thread.start()
         return self
 
-    def _sample(self):
+    def _sample(self) -> None:
         while self.running:
             self.max = max(self.max, _rss())
             time.sleep(0.001)
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - self.base
@@ -164,24 +167,24 @@ class PeakMemory:
         return False
 
 
-def _rss():
+def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _malloc_trim():
+def _malloc_trim() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
 
-def sync(device):
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def train_step(model, optimizer, batch):
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -> None:
     from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
     logits = model(**batch["net_input"])[0]
@@ -193,7 +196,8 @@ def train_step(model, optimizer, batch):
     optimizer.zero_grad(set_to_none=True)
 
 
-def time_training_step(model, optimizer, batch, device):
+def time_training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any],
+                       device: torch.device) -> float:
     model.train()
     sync(device)
     t = time.perf_counter()
@@ -202,14 +206,16 @@ def time_training_step(model, optimizer, batch, device):
     return batch["ntokens"] / (time.perf_counter() - t)
 
 
-def peak_training_memory(model, optimizer, batch, device):
+def peak_training_memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any],
+                         device: torch.device) -> int:
     model.train()
     with PeakMemory(device) as mem:
         train_step(model, optimizer, batch)
     return mem.peak
 
 
-def time_decoding(model, dictionary, sample, length, device):
+def time_decoding(model: torch.nn.Module, dictionary: Any, sample: dict[str, Any], length: int,
+                  device: torch.device) -> float:
     from fairseq.sequence_generator import SequenceGenerator
 
     model.eval()
@@ -226,10 +232,11 @@ def time_decoding(model, dictionary, sample, length, device):
     return len(hypos) / elapsed
 
 
-def run(args):
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict[str, dict[str, list[float]]]]]:
     device = torch.device(args.device)
     systems = ["softmax"] + [s for s in args.systems if s != "softmax"] + list(args.extra)
-    results, raw = [], {}
+    results: list[dict[str, Any]] = []
+    raw: dict[str, dict[str, dict[str, list[float]]]] = {}  # "config/Llength" -> system -> measure -> values
     for config in args.configs:
         dictionary = Dictionary(CONFIGS[config]["vocab"]).d
         models = {s: build(s, config, dictionary, device, seed=args.seed) for s in systems}
@@ -272,16 +279,17 @@ def run(args):
     return results, raw
 
 
-def summarize(cell, config, length, params):
+def summarize(cell: dict[str, dict[str, list[float]]], config: str, length: int,
+              params: dict[str, int]) -> list[dict[str, Any]]:
     """One row per system: median throughputs, and ratios to softmax as the median of the per-round ratios (None
     where not measured: decoding above --max-decode-length, timing at --memory-lengths).
 
     Each round runs every system back to back, so a ratio within a round compares measurements taken under the same
     machine load; the median over rounds then discards the rounds that a burst of load hit unevenly."""
-    def median(system, kind):
+    def median(system: str, kind: str) -> Optional[float]:
         return statistics.median(cell[system][kind]) if cell[system][kind] else None
 
-    def ratio(system, kind):
+    def ratio(system: str, kind: str) -> Optional[float]:
         pairs = [mine / ref for mine, ref in zip(cell[system][kind], cell["softmax"][kind]) if ref > 0]
         return statistics.median(pairs) if pairs else None
 
@@ -299,8 +307,8 @@ def summarize(cell, config, length, params):
     return rows
 
 
-def markdown(results):
-    def show(value, digits):
+def markdown(results: Iterable[dict[str, Any]]) -> str:
+    def show(value: Optional[float], digits: int) -> str:
         return "–" if value is None else f"{value:.{digits}f}"
 
     lines = ["| config | length | system | train tok/s | train × softmax | decode sent/s | decode × softmax "
@@ -312,7 +320,7 @@ def markdown(results):
     return "\n".join(lines)
 
 
-def end_to_end(args):
+def end_to_end(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """``--end-to-end TASK``: fairseq-train and fairseq-generate themselves on a prepared task (rela_fairseq.pipeline
     .throughput), words/s and sentences/s read from their own logs, round after round; the ReLA systems also with
     RELA_FAIRSEQ_KERNEL=eager (``--extra``). Decoding uses the task's trained checkpoints (scripts/compare.sh)."""
@@ -344,7 +352,7 @@ def end_to_end(args):
     return "\n".join(lines), speed
 
 
-def environment(args):
+def environment(args: argparse.Namespace) -> dict[str, Any]:
     import fairseq
 
     from rela_fairseq import kernels
@@ -358,7 +366,7 @@ def environment(args):
     return env
 
 
-def parse_args(argv=None):
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -402,7 +410,7 @@ def parse_args(argv=None):
     return args
 
 
-def check_arguments(parser, args, minimums):
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, minimums: dict[str, int]) -> None:
     """Reject a number (or any number of a list) below its minimum, and --device cuda without a GPU, naming them."""
     for key, minimum in minimums.items():
         value = getattr(args, key)
@@ -412,7 +420,7 @@ def check_arguments(parser, args, minimums):
         parser.error("--device cuda: no GPU is available")
 
 
-def quiet_logging():
+def quiet_logging() -> None:
     import logging
     import warnings
 
@@ -420,7 +428,7 @@ def quiet_logging():
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
-def ignore_kernel_override():
+def ignore_kernel_override() -> None:
     """Each system names its kernel (rela_g: auto, rela_g_eager: eager); RELA_FAIRSEQ_KERNEL would mislabel them."""
     from rela_fairseq import kernels
 
@@ -428,7 +436,7 @@ def ignore_kernel_override():
         print(f"ignoring {kernels.ENV_VAR} (--extra rela_g_eager measures the eager path)", file=sys.stderr)
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     quiet_logging()
     ignore_kernel_override()

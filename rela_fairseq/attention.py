@@ -23,12 +23,14 @@ from .rela import at_least_fp32
 
 
 class RelaMultiheadAttention(MultiheadAttention):
+    skip_embed_dim_check: bool  # fairseq's attribute (its base class is untyped here)
+
     def __init__(self, embed_dim: int, num_heads: int, *, attn_fn: AttentionFunction, **kwargs):
         super().__init__(embed_dim, num_heads, **kwargs)  # keywords only: fairseq main adds a positional argument
         self.attn_fn = attn_fn
         # Analysis hook: when True, every forward keeps its pre-dropout fp32 weights [B, H, T, S] in last_attn.
         self.store_attn = False
-        self.last_attn = None
+        self.last_attn: Optional[Tensor] = None
 
     def forward(self, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
                 key_padding_mask: Optional[Tensor] = None, incremental_state: Optional[dict] = None,
@@ -109,6 +111,7 @@ class RelaMultiheadAttention(MultiheadAttention):
             key = value = query
         elif self.encoder_decoder_attention:
             value = key  # as fairseq: the encoder output is both
+        assert key is not None and value is not None  # given to any other attention
         heads, head_dim = self.num_heads, self.head_dim
         q, k, v = (proj(x).view(x.size(0), bsz * heads, head_dim).transpose(0, 1)
                    for proj, x in ((self.q_proj, query), (self.k_proj, key), (self.v_proj, value)))
@@ -143,11 +146,13 @@ class RelaMultiheadAttention(MultiheadAttention):
         finally:
             self.skip_embed_dim_check = skip
         if own_attn_mask:
+            assert attn_mask is not None
             blocked = attn_mask if attn_mask.dtype == torch.bool else torch.isneginf(attn_mask)
             if attn_mask.dtype != torch.bool:  # its finite entries (0, or a bias) are added, as fairseq adds them
                 scores += attn_mask.masked_fill(blocked, 0.0).to(scores.dtype)
             scores.masked_fill_(blocked, self.attn_fn.masked_score)
         if own_mask:
+            assert key_padding_mask is not None
             bsz, src_len = key_padding_mask.shape
             scores.view(bsz, -1, scores.size(1), src_len).masked_fill_(
                 key_padding_mask.view(bsz, 1, 1, src_len).to(torch.bool), self.attn_fn.masked_score)

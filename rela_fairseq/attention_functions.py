@@ -37,7 +37,7 @@ STOCK_SETTINGS = {"attn_fn": "softmax", "params": []}  # what a stock fairseq ch
 
 
 class AttentionFunction(nn.Module):
-    name = None
+    name: str = None  # type: ignore[assignment]  # each subclass's --attn-fn name
     sums_to_one = True
     masked_score = float("-inf")  # what a masked (padding, future) score is set to before the mapping
 
@@ -200,11 +200,13 @@ class Rela(AttentionFunction):
         return _describe_settings(self.settings())
 
 
-ATTENTION_FUNCTIONS = {cls.name: cls for cls in (Softmax, Sparsemax, Entmax15, EntmaxAlpha, Rela)}
+ATTENTION_FUNCTIONS: dict[str, type[AttentionFunction]] = {
+    cls.name: cls for cls in (Softmax, Sparsemax, Entmax15, EntmaxAlpha, Rela)}
 
 
 def build_attention_function(embed_dim: int, num_heads: int, settings: AttentionSettings) -> AttentionFunction:
     """One attention function as ``settings`` (one attention type's, ``AttentionSettings.of``) define it."""
+    fn: AttentionFunction
     if settings.attn_fn == "rela":
         fn = Rela(embed_dim, num_heads, settings)
     elif settings.attn_fn == "entmax_alpha":

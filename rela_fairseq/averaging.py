@@ -16,6 +16,7 @@ import collections
 import os
 import re
 import sys
+from typing import Any, Optional
 
 import torch
 
@@ -75,7 +76,8 @@ def average_checkpoints(paths):
     """The state of ``paths[0]`` with its model parameters replaced by the mean over all ``paths``."""
     if not paths:
         raise RelaFairseqError("no checkpoints to average")
-    first, sums = None, collections.OrderedDict()
+    first: Optional[dict] = None
+    sums: collections.OrderedDict[str, Any] = collections.OrderedDict()
     for path in paths:
         state = _load(path)
         model = state["model"]
@@ -92,6 +94,7 @@ def average_checkpoints(paths):
                 continue
             value = value.float() if value.is_floating_point() else value
             sums[key] = value.clone() if key not in sums else sums[key] + value
+    assert first is not None  # paths is not empty
     averaged = collections.OrderedDict()
     for key, value in sums.items():
         if not torch.is_tensor(value):

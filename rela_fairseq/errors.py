@@ -63,5 +63,5 @@ def install_excepthook():
             return
         sys.stderr.write(f"rela_fairseq: error: {own}\n")
 
-    hook._rela_fairseq = True
+    hook._rela_fairseq = True  # type: ignore[attr-defined]
     sys.excepthook = hook

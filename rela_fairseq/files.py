@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import shutil
-from typing import Any, Iterable, Iterator, TextIO
+from typing import IO, Any, Iterable, Iterator
 
 
 @contextlib.contextmanager
@@ -32,11 +32,12 @@ def atomic_path(path: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "w") -> Iterator[TextIO]:
+def atomic_open(path: str, mode: str = "w") -> Iterator[IO[Any]]:
     """``open(path, mode)`` whose file carries its final name only once the block completed (text: UTF-8, "\\n")."""
     with atomic_path(path) as tmp:
         binary = "b" in mode
-        with open(tmp, mode, **({} if binary else {"encoding": "utf-8", "newline": "\n"})) as f:
+        options: dict[str, Any] = {} if binary else {"encoding": "utf-8", "newline": "\n"}
+        with open(tmp, mode, **options) as f:
             yield f
 
 

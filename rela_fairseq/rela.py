@@ -103,6 +103,7 @@ class RelaNorm(nn.Module):
         through the fused kernel where ``--rela-kernel`` and the input allow (``kernels``)."""
         ext = kernels.extension_for(heads, self.kernel) if self.norm == "rms" else None
         if ext is not None and kernels.norm_supported(ext, self.width, self.embed_dim):
+            assert self.weight is not None  # RMSNorm has a gain
             return kernels.fused_gated_rms_norm(ext, heads, self.weight, self.gate_weight, self.width, EPS)
         return rela_norm(heads, self.weight, self.bias, self.gate_weight, self.norm, self.width)
 
@@ -123,6 +124,7 @@ def rela_norm_reference(heads: Tensor, weight: Optional[Tensor], bias: Optional[
             parts = parts * torch.rsqrt(parts.pow(2).mean(-1, keepdim=True) + EPS)
         else:
             parts = F.layer_norm(parts, (width,), eps=EPS)
+        assert weight is not None  # a norm has a gain
         y = parts.reshape(z.shape) * weight.to(z.dtype)
         if bias is not None:
             y = y + bias.to(z.dtype)
@@ -137,6 +139,7 @@ def rela_norm(heads: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], g
     instead of about seven (same values and gradients), or, without gradients (decoding), its in-place forward."""
     if norm != "rms":
         return rela_norm_reference(heads, weight, bias, gate_weight, norm, width)
+    assert weight is not None  # RMSNorm has a gain
     if torch.is_grad_enabled():
         return GatedRMSNorm.apply(heads, weight, gate_weight, width)
     y, _ = GatedRMSNorm.compute(heads, weight, gate_weight, width)

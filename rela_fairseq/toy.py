@@ -141,7 +141,7 @@ def generate(sizes=None, seed=1):
     rng = random.Random(f"toy-corpus-{seed}")
     seen, corpus = set(), {}
     for split in ("test", "valid", "train"):  # held-out sets first, so that train avoids them
-        pairs = []
+        pairs: list[_Pair] = []
         while len(pairs) < sizes[split]:
             pair = make_pair(rng, lexicon)
             key = " ".join(pair.src)

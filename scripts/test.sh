@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# scripts/test.sh [--py 3.11|3.10] [pytest options...]: set up the environments, lint with ruff, and run the test suite
-# under Python 3.11 with fairseq-fixed 0.12.3.1 and under Python 3.10 with fairseq 0.12.2, side by side; fails if any fails.
+# scripts/test.sh [--py 3.11|3.10] [pytest options...]: set up the environments, lint with ruff, type-check with mypy,
+# and run the test suite under Python 3.11 with fairseq-fixed 0.12.3.1 and under Python 3.10 with fairseq 0.12.2, side by side; fails if any fails.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 versions=(3.11 3.10)
 if [[ ${1:-} == --py ]]; then versions=("$2"); shift 2; fi
@@ -25,6 +25,8 @@ done
 if [[ -z ${venvs[3.11]:-${venvs[3.10]:-}} ]]; then die "failed: ${failed[*]}"; fi  # no environment to test in
 log "ruff (lint and import order)"
 (cd "$REPO_ROOT" && "${venvs[3.11]:-${venvs[3.10]}}/bin/ruff" check .) || failed+=("ruff")
+log "mypy (type checking: rela_fairseq and benchmarks, mypy.ini)"
+(cd "$REPO_ROOT" && "${venvs[3.11]:-${venvs[3.10]}}/bin/mypy") || failed+=("mypy")
 
 # the suites run side by side: much of their time is single-threaded (starting fairseq's command-line tools). Each
 # gets its share of the cores for torch's thread pools: two legs' pools on the same cores thrash (test_cli.py on

@@ -11,6 +11,7 @@ Command line: ``rela-analyze {attention,align,aer,plot}`` (``python -m rela_fair
 """
 
 import importlib
+from typing import Any, List
 
 # Imported on first use (PEP 562): the model-reading half needs torch and fairseq, which rela-analyze's AER scorer and
 # its plots of saved statistics never touch (rela_fairseq/__init__.py).
@@ -20,11 +21,11 @@ _EXPORTS = {"AlignmentSettings": "analysis", "Analysis": "analysis", "analyse": 
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
 
 
-def __dir__():
+def __dir__() -> List[str]:
     return sorted(set(globals()) | set(_EXPORTS))

@@ -8,7 +8,10 @@ Gold: one sentence a line, ``i-j`` sure and ``ipj`` possible links (sure links c
 Links are read as sets per sentence. ``index_base`` shifts 1-based files to 0-based; ``reverse`` swaps each pair.
 """
 
+from __future__ import annotations
+
 import re
+from typing import Sequence
 
 from ..errors import RelaFairseqError
 
@@ -19,9 +22,11 @@ class AlignmentFileError(RelaFairseqError):
     pass
 
 
-def parse_line(line, path, lineno, index_base=0, reverse=False):
+def parse_line(line: str, path: str, lineno: int, index_base: int = 0,
+               reverse: bool = False) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
     """(sure links, possible links) of one line; possible includes sure."""
-    sure, possible = set(), set()
+    sure: set[tuple[int, int]] = set()
+    possible: set[tuple[int, int]] = set()
     for token in line.split():
         match = _LINK.match(token)
         if not match:
@@ -36,7 +41,8 @@ def parse_line(line, path, lineno, index_base=0, reverse=False):
     return sure, possible
 
 
-def read_alignments(path, index_base=0, reverse=False):
+def read_alignments(path: str, index_base: int = 0,
+                    reverse: bool = False) -> list[tuple[set[tuple[int, int]], set[tuple[int, int]]]]:
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -47,7 +53,8 @@ def read_alignments(path, index_base=0, reverse=False):
     return [parse_line(line, path, n, index_base, reverse) for n, line in enumerate(lines, 1)]
 
 
-def score(gold, hyp, gold_name="gold", hyp_name="hypothesis"):
+def score(gold: Sequence[tuple[set, set]], hyp: Sequence[set], gold_name: str = "gold",
+          hyp_name: str = "hypothesis") -> dict:
     """gold: [(sure, possible)], hyp: [links] (sets of (i, j)); returns aer, precision, recall as fractions."""
     if len(gold) != len(hyp):
         raise AlignmentFileError(f"{gold_name} has {len(gold)} lines but {hyp_name} has {len(hyp)}: they must "
@@ -66,12 +73,13 @@ def score(gold, hyp, gold_name="gold", hyp_name="hypothesis"):
     }
 
 
-def score_files(gold_path, hyp_path, gold_index_base=1, hyp_index_base=0, reverse_gold=False, reverse_hyp=False):
+def score_files(gold_path: str, hyp_path: str, gold_index_base: int = 1, hyp_index_base: int = 0,
+                reverse_gold: bool = False, reverse_hyp: bool = False) -> dict:
     gold = read_alignments(gold_path, gold_index_base, reverse_gold)
     hyp = [possible for _, possible in read_alignments(hyp_path, hyp_index_base, reverse_hyp)]
     return score(gold, hyp, gold_path, hyp_path)
 
 
-def format_score(result):
+def format_score(result: dict) -> str:
     return (f"AER {100 * result['aer']:.1f}% (P {100 * result['precision']:.1f}% / "
             f"R {100 * result['recall']:.1f}% / {result['links']} links)")

@@ -20,13 +20,19 @@ from (``read_subword_text``), and without that text the collector refuses the se
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from ..errors import RelaFairseqError
+
+if TYPE_CHECKING:  # torch only for the type checker: rela-analyze aer runs without it
+    import torch
+
+    from .forced import ForcedBatch
 
 SEGMENTATIONS = ("auto", "spm", "bpe", "none")
 
 
-def detect_segmentation(token_lists):
+def detect_segmentation(token_lists: Iterable[Iterable[str]]) -> str:
     for tokens in token_lists:
         for token in tokens:
             if token.startswith("\u2581"):
@@ -36,9 +42,10 @@ def detect_segmentation(token_lists):
     return "none"
 
 
-def word_index(tokens, segmentation):
+def word_index(tokens: Sequence[str], segmentation: str) -> list[int]:
     """The word each subword belongs to (0-based)."""
-    index, word = [], -1
+    index: list[int] = []
+    word = -1
     for position, token in enumerate(tokens):
         if segmentation == "spm":
             starts = position == 0 or token.startswith("\u2581")
@@ -75,13 +82,13 @@ def read_subword_text(prefix: str, languages: tuple[str, str], n_sentences: int)
     return sides[0], sides[1]
 
 
-def hard_links(rows, target_positions, shifted):
+def hard_links(rows: torch.Tensor, target_positions: Sequence[int], shifted: bool) -> set[tuple[int, int]]:
     """Subword links {(source subword, target subword)} from cross-attention ``rows`` [T, S'] of one sentence.
 
     ``rows`` holds only the real source subwords as columns (EOS and padding already removed) and one row per
     decoder step (padding included); ``target_positions`` are the steps that predict the real target subwords (EOS
     and padding excluded: 0..n-1 for fairseq's right-padded targets), and the i-th of them is target subword i."""
-    links = set()
+    links: set[tuple[int, int]] = set()
     if rows.size(-1) == 0:
         return links
     for i, position in enumerate(target_positions):
@@ -92,7 +99,8 @@ def hard_links(rows, target_positions, shifted):
     return links
 
 
-def to_words(links, src_words, tgt_words, swap=False):
+def to_words(links: Iterable[tuple[int, int]], src_words: Sequence[int], tgt_words: Sequence[int],
+             swap: bool = False) -> set[tuple[int, int]]:
     pairs = {(src_words[s], tgt_words[t]) for s, t in links}
     return {(t, s) for s, t in pairs} if swap else pairs
 
@@ -100,7 +108,8 @@ def to_words(links, src_words, tgt_words, swap=False):
 class AlignmentCollector:
     """Word links per setting (layer, head or 'avg', 'normal' | 'shifted') and sentence id."""
 
-    def __init__(self, src_dict, tgt_dict, segmentation="auto", swap=False, subword_text=None):
+    def __init__(self, src_dict: Any, tgt_dict: Any, segmentation: str = "auto", swap: bool = False,
+                 subword_text: tuple[list, list] | None = None) -> None:
         """``subword_text``: (source, target) subword lists per sentence id (``read_subword_text``), or None to read
         the subwords from the dictionaries."""
         self.src_dict, self.tgt_dict = src_dict, tgt_dict
@@ -108,10 +117,12 @@ class AlignmentCollector:
             segmentation = detect_segmentation([src_dict.symbols, tgt_dict.symbols])
         self.segmentation, self.swap = segmentation, swap
         self.subword_text = subword_text
-        self.links = defaultdict(dict)  # setting -> {sentence id: set of word links}
-        self.words = {}  # sentence id -> (source words, target words)
+        # setting -> {sentence id: set of word links}
+        self.links: defaultdict[tuple[int, int | str, str], dict[int, set[tuple[int, int]]]] = defaultdict(dict)
+        # sentence id -> (source subwords, target subwords, source words, target words)
+        self.words: dict[int, tuple[list[str], list[str], list[int], list[int]]] = {}
 
-    def add(self, batch):
+    def add(self, batch: ForcedBatch) -> None:
         pad, eos = batch.pad, batch.eos
         cross = {layer: w for (attention_type, layer), w in batch.attention.items() if attention_type == "cross"}
         for b, sid in enumerate(batch.ids.tolist()):
@@ -132,14 +143,15 @@ class AlignmentCollector:
             self.words[sid] = (src_tokens, tgt_tokens, src_words, tgt_words)
             for layer, weights in cross.items():
                 rows = weights[b][:, :, src_positions]  # [H, T, S'] real source subwords only
-                heads = {h: rows[h] for h in range(rows.size(0))}
+                heads: dict[int | str, torch.Tensor] = {h: rows[h] for h in range(rows.size(0))}
                 heads["avg"] = rows.mean(0)
                 for head, head_rows in heads.items():
                     for mode in ("normal", "shifted"):
                         links = hard_links(head_rows, target_rows, mode == "shifted")
                         self.links[(layer, head, mode)][sid] = to_words(links, src_words, tgt_words, self.swap)
 
-    def _text_tokens(self, side, sid, binarised):
+    def _text_tokens(self, side: int, sid: int, binarised: list[str]) -> list[str]:
+        assert self.subword_text is not None
         tokens = self.subword_text[side][sid]
         if len(tokens) != len(binarised):
             raise SubwordTextError(
@@ -149,7 +161,7 @@ class AlignmentCollector:
         return tokens
 
     @staticmethod
-    def _refuse_unknown_subwords(sid, tokens, dictionary, side):
+    def _refuse_unknown_subwords(sid: int, tokens: list[str], dictionary: Any, side: str) -> None:
         unk = getattr(dictionary, "unk_word", "<unk>")
         if unk in tokens:
             raise SubwordTextError(
@@ -158,19 +170,19 @@ class AlignmentCollector:
                 "--subword-text PREFIX, the subword text the subset was binarised from (fairseq-preprocess "
                 "--testpref PREFIX)")
 
-    def settings(self):
+    def settings(self) -> list[tuple[int, int | str, str]]:
         return sorted(self.links, key=lambda s: (s[0], s[2], -1 if s[1] == "avg" else s[1]))
 
-    def sentence_ids(self):
+    def sentence_ids(self) -> list[int]:
         return sorted(self.words)
 
-    def hypothesis(self, setting):
+    def hypothesis(self, setting: tuple[int, int | str, str]) -> list[set[tuple[int, int]]]:
         """Links of every sentence, in sentence-id order."""
         by_id = self.links[setting]
         return [by_id[sid] for sid in self.sentence_ids()]
 
 
-def links_text(links):
+def links_text(links: Iterable[tuple[int, int]]) -> str:
     """0-based ``i-j`` pairs, sorted: the usual hypothesis format (a gold set's format: ``toy.gold_links_text``)."""
     return " ".join(f"{i}-{j}" for i, j in sorted(links))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, ContextManager, NamedTuple, Optional, cast
 
 from .aer import AlignmentFileError, read_alignments, score
 from .align import AlignmentCollector, read_subword_text
@@ -26,15 +26,15 @@ class Analysis(NamedTuple):
     collector: Optional[AlignmentCollector]  # every setting's links, when a gold set was given
 
 
-def _progress(task, subset: str, enabled: bool):
+def _progress(task: Any, subset: str, enabled: bool) -> ContextManager[Any]:
     from tqdm import tqdm
 
     return tqdm(total=len(task.dataset(subset)), unit=" sentences", desc=f"teacher-forcing {subset}",
                 disable=not enabled, mininterval=1)
 
 
-def analyse(model, task, subset: str = "test", alignment: AlignmentSettings | None = None, max_tokens: int = 4000,
-            progress: bool = True) -> Analysis:
+def analyse(model: Any, task: Any, subset: str = "test", alignment: AlignmentSettings | None = None,
+            max_tokens: int = 4000, progress: bool = True) -> Analysis:
     """Attention statistics of ``subset`` and, with ``alignment``, AER against its gold set, in one pass."""
     stats = AttentionStats()
     collector = None
@@ -52,11 +52,12 @@ def analyse(model, task, subset: str = "test", alignment: AlignmentSettings | No
             if collector is not None:
                 collector.add(batch)
             bar.update(len(batch.ids))
-    scores = score_alignments(collector, alignment.gold, alignment.gold_index_base) if alignment else None
+    scores = (score_alignments(cast(AlignmentCollector, collector), alignment.gold, alignment.gold_index_base)
+              if alignment else None)
     return Analysis(stats.summary(), scores, collector)
 
 
-def score_alignments(collector, gold_path, gold_index_base=1):
+def score_alignments(collector: AlignmentCollector, gold_path: str, gold_index_base: int = 1) -> dict:
     """AER of every setting against the gold; per layer the best head and the head average, normal and shifted."""
     gold = read_alignments(gold_path, gold_index_base)
     ids = collector.sentence_ids()
@@ -77,7 +78,7 @@ def score_alignments(collector, gold_path, gold_index_base=1):
     scores = {setting: score(gold, collector.hypothesis(setting)) for setting in collector.settings()}
     rows = []
     for layer in sorted({s[0] for s in scores}):
-        row = {"layer": layer}
+        row: dict[str, Any] = {"layer": layer}
         for mode in ("normal", "shifted"):
             heads = {h: r for (lay, h, m), r in scores.items() if lay == layer and m == mode and h != "avg"}
             best = min(heads, key=lambda h: heads[h]["aer"])
@@ -85,19 +86,19 @@ def score_alignments(collector, gold_path, gold_index_base=1):
             row[f"avg_{mode}"] = scores[(layer, "avg", mode)]
         rows.append(row)
     best_setting = min(scores, key=lambda s: scores[s]["aer"])
-    best = {mode: min((s for s in scores if s[2] == mode), key=lambda s: scores[s]["aer"])
-            for mode in ("normal", "shifted")}
+    best_by_mode = {mode: min((s for s in scores if s[2] == mode), key=lambda s: scores[s]["aer"])
+                    for mode in ("normal", "shifted")}
     return {
         "gold": gold_path,
         "sentences": len(ids),
         "swap": collector.swap,
         "rows": rows,
         "best": _setting_entry(best_setting, scores),
-        "best_normal": _setting_entry(best["normal"], scores),
-        "best_shifted": _setting_entry(best["shifted"], scores),
+        "best_normal": _setting_entry(best_by_mode["normal"], scores),
+        "best_shifted": _setting_entry(best_by_mode["shifted"], scores),
     }
 
 
-def _setting_entry(setting, scores):
+def _setting_entry(setting: tuple[int, int | str, str], scores: dict) -> dict:
     layer, head, mode = setting
     return dict(scores[setting], layer=layer, head=head, mode=mode)

@@ -9,25 +9,28 @@ Transformer) checkpoints.
 Every subcommand prints readable tables, or with --json one JSON object on stdout instead.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import os
 import sys
+from typing import Any, Iterable, Optional, Sequence
 
 from ..attention_types import ATTENTION_TYPE, ATTENTION_TYPES
 from ..errors import RelaFairseqError
 from .align import SEGMENTATIONS
 
 
-def _pct(value):
+def _pct(value: Optional[float]) -> str:
     return "   n/a" if value is None else f"{100 * value:5.1f}%"
 
 
-def _num(value, digits=3):
+def _num(value: Optional[float], digits: int = 3) -> str:
     return "  n/a" if value is None else f"{value:.{digits}f}"
 
 
-def attention_table(summary, label=""):
+def attention_table(summary: dict, label: str = "") -> str:
     """Per attention type: overall, then per layer (and each head's sparsity / null rate)."""
     lines = []
     head = f"Attention statistics{(' of ' + label) if label else ''} (valid query-key pairs only; "
@@ -49,12 +52,12 @@ def attention_table(summary, label=""):
     return "\n".join(lines)
 
 
-def alignment_table(summary, label=""):
+def alignment_table(summary: dict, label: str = "") -> str:
     lines = [f"AER{(' of ' + label) if label else ''} against {summary['gold']} ({summary['sentences']} sentences"
              f"{', links swapped' if summary['swap'] else ''}); lower is better",
              "  layer   best head (normal)   head avg (normal)   best head (shifted)   head avg (shifted)"]
     for row in summary["rows"]:
-        def cell(entry, with_head):
+        def cell(entry: dict, with_head: bool) -> str:
             text = f"{100 * entry['aer']:5.1f}%"
             return text + (f" (h{entry['head']})" if with_head else "     ")
         lines.append(f"  {row['layer'] + 1:5d}   {cell(row['best_head_normal'], True):>18}   "
@@ -67,7 +70,7 @@ def alignment_table(summary, label=""):
     return "\n".join(lines)
 
 
-def _add_model_args(p):
+def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="binarised data directory (fairseq-preprocess output)")
     p.add_argument("--path", required=True, help="checkpoint file")
     p.add_argument("--gen-subset", default="test", help="subset to teacher-force (default: test)")
@@ -76,7 +79,7 @@ def _add_model_args(p):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rela-analyze", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.split("\n\n")[1:]))
@@ -129,7 +132,7 @@ def build_parser():
     return parser
 
 
-def _labelled_json(items, parser):
+def _labelled_json(items: Iterable[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
     out = {}
     for item in items:
         label, sep, path = item.partition("=")
@@ -143,13 +146,13 @@ def _labelled_json(items, parser):
     return out
 
 
-def run(args, parser):
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "aer":
         from .aer import format_score, score_files
 
-        result = score_files(args.gold, args.hyp, args.gold_index_base, args.hyp_index_base, args.reverse_gold,
+        scores = score_files(args.gold, args.hyp, args.gold_index_base, args.hyp_index_base, args.reverse_gold,
                              args.reverse_hyp)
-        print(json.dumps(result) if args.json else format_score(result))
+        print(json.dumps(scores) if args.json else format_score(scores))
         return 0
 
     if args.command == "plot" and args.plot in ("stats", "aer"):
@@ -182,13 +185,14 @@ def run(args, parser):
     return _heatmaps(args, model, task)
 
 
-def _align(args, model, task):
+def _align(args: argparse.Namespace, model: Any, task: Any) -> int:
     from .align import links_text
     from .analysis import AlignmentSettings, analyse
 
     settings = AlignmentSettings(args.gold, args.gold_index_base, args.swap, args.segmentation, args.subword_text)
     result = analyse(model, task, args.gen_subset, settings, max_tokens=args.max_tokens, progress=not args.json)
     summary, collector = result.alignment, result.collector
+    assert summary is not None and collector is not None  # a gold set was given
     out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.path)),
                                               f"alignments-{args.gen_subset}")
     os.makedirs(out_dir, exist_ok=True)
@@ -213,7 +217,7 @@ def _align(args, model, task):
     return 0
 
 
-def _heatmaps(args, model, task):
+def _heatmaps(args: argparse.Namespace, model: Any, task: Any) -> int:
     from . import plots
     from .forced import forced_batches, sentence_maps
 
@@ -242,7 +246,7 @@ def _heatmaps(args, model, task):
     return 0
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

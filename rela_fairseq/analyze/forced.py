@@ -6,6 +6,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -31,7 +32,8 @@ def module_attention_type(module_name: str) -> tuple[str, int] | None:
     return None
 
 
-def load_model(path, data, subset="test", overrides=None, cpu=True):
+def load_model(path: str, data: str, subset: str = "test", overrides: Optional[dict] = None,
+               cpu: bool = True) -> tuple[Any, Any]:
     """(model, task) for a checkpoint; a stock fairseq ``transformer`` checkpoint is loaded as
     ``transformer_rela --attn-fn softmax`` (the same model, whose attention maps we can read)."""
     from fairseq import checkpoint_utils
@@ -82,7 +84,7 @@ class ForcedBatch:
         return valid_pairs(self.target.ne(self.pad), src_valid)
 
 
-def forced_batches(model, task, subset="test", max_tokens=4000):
+def forced_batches(model: Any, task: Any, subset: str = "test", max_tokens: int = 4000) -> Iterator[ForcedBatch]:
     """Iterate over the subset in id-independent batches, teacher-forcing the reference."""
     from fairseq import utils
 
@@ -105,8 +107,9 @@ def forced_batches(model, task, subset="test", max_tokens=4000):
                     continue
                 sample = utils.move_to_cuda(sample) if device.type == "cuda" else sample
                 model(**sample["net_input"])
-                attention = {types_of[name]: m.last_attn.float().cpu() for name, m in modules.items()
-                             if types_of[name] is not None and m.last_attn is not None}
+                attention: dict[Any, torch.Tensor] = {
+                    types_of[name]: m.last_attn.float().cpu() for name, m in modules.items()
+                    if types_of[name] is not None and m.last_attn is not None}
                 net = sample["net_input"]
                 yield ForcedBatch(sample["id"].cpu(), net["src_tokens"].cpu(), net["prev_output_tokens"].cpu(),
                                   sample["target"].cpu(), attention, task.target_dictionary.pad(),
@@ -115,7 +118,8 @@ def forced_batches(model, task, subset="test", max_tokens=4000):
         set_store_attn(model, False)
 
 
-def sentence_maps(batch: ForcedBatch, b: int, attention_type: str, src_dict, tgt_dict) -> tuple[dict, list, list]:
+def sentence_maps(batch: ForcedBatch, b: int, attention_type: str, src_dict: Any,
+                  tgt_dict: Any) -> tuple[dict, list, list]:
     """One sentence's attention of one type, padding removed: ({layer: weights [H, rows, columns]}, row tokens,
     column tokens). Cross-attention rows are the tokens each step predicts; self-attention rows and columns are the
     layer's inputs (source tokens; decoder inputs)."""

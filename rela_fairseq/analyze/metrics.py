@@ -15,6 +15,8 @@ Only sums are kept between batches, so memory does not grow with the test set.
 
 from __future__ import annotations
 
+from typing import Any, Optional, Union
+
 import torch
 
 from ..attention_types import ATTENTION_TYPES
@@ -22,7 +24,7 @@ from ..attention_types import ATTENTION_TYPES
 LOG_BASE = "e (nats)"
 
 
-def valid_pairs(query_valid, key_valid, causal=False):
+def valid_pairs(query_valid: torch.Tensor, key_valid: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """[B, T, S] bool: both positions are real tokens (and key <= query when causal)."""
     pairs = query_valid[:, :, None] & key_valid[:, None, :]
     if causal:
@@ -31,11 +33,12 @@ def valid_pairs(query_valid, key_valid, causal=False):
     return pairs
 
 
-def entropy(p, dim=-1):
+def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(dim)
 
 
-def js_per_query(weights, pairs, keep_null_as_uniform=False):
+def js_per_query(weights: torch.Tensor, pairs: torch.Tensor,
+                 keep_null_as_uniform: bool = False) -> tuple[torch.Tensor, int]:
     """Generalised JS divergence over heads for each valid query.
 
     weights [B, H, T, S] (non-negative), pairs [B, T, S] valid pairs. Returns (js [N], used queries N) for the queries
@@ -61,10 +64,10 @@ def js_per_query(weights, pairs, keep_null_as_uniform=False):
 class AttentionStats:
     """Running sums for one model: per attention type, layer and head."""
 
-    def __init__(self):
-        self.sums = {}
+    def __init__(self) -> None:
+        self.sums: dict[tuple[str, int], dict[str, Any]] = {}  # (type, layer) -> running sums
 
-    def _slot(self, attention_type, layer, heads):
+    def _slot(self, attention_type: str, layer: int, heads: int) -> dict[str, Any]:
         key = (attention_type, layer)
         if key not in self.sums:
             self.sums[key] = {
@@ -76,7 +79,7 @@ class AttentionStats:
             }
         return self.sums[key]
 
-    def add(self, attention_type, layer, weights, pairs):
+    def add(self, attention_type: str, layer: int, weights: torch.Tensor, pairs: torch.Tensor) -> None:
         """weights [B, H, T, S] pre-dropout; pairs [B, T, S] valid (query, key) pairs."""
         weights = weights.float()
         heads = weights.size(1)
@@ -95,15 +98,16 @@ class AttentionStats:
         slot["js_uniform_sum"] += float(js_u.sum())
         slot["js_uniform_queries"] += n_u
 
-    def summary(self):
+    def summary(self) -> dict[str, Any]:
         """Nested dict: {type: {overall: {...}, layers: [{layer, sparsity, null_rate, js, heads: [...]}, ...]}}."""
-        out = {"log_base": LOG_BASE, "types": {}}
+        out: dict[str, Any] = {"log_base": LOG_BASE, "types": {}}
         for attention_type in (t.name for t in ATTENTION_TYPES):
             layers = sorted(layer for k, layer in self.sums if k == attention_type)
             if not layers:
                 continue
-            rows, total = [], {"pairs": 0.0, "zero_pairs": 0.0, "queries": 0.0, "null_queries": 0.0,
-                               "js_sum": 0.0, "js_queries": 0}
+            rows: list[dict[str, Any]] = []
+            total: dict[str, float] = {"pairs": 0.0, "zero_pairs": 0.0, "queries": 0.0, "null_queries": 0.0,
+                                       "js_sum": 0.0, "js_queries": 0}
             for layer in layers:
                 s = self.sums[(attention_type, layer)]
                 heads = [{"head": h, "sparsity": _ratio(s["zero_pairs"][h], s["pairs"][h]),
@@ -136,6 +140,6 @@ class AttentionStats:
         return out
 
 
-def _ratio(num, den):
+def _ratio(num: Union[float, torch.Tensor], den: Union[float, torch.Tensor]) -> Optional[float]:
     num, den = float(num), float(den)
     return num / den if den else None

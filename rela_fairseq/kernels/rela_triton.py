@@ -17,7 +17,7 @@ Without a GPU the tests run these kernels in Triton's interpreter (``TRITON_INTE
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import triton
@@ -25,6 +25,10 @@ import triton.language as tl
 from torch import Tensor
 
 SEED_RANGE = 2**31 - 2**24  # Philox keys: seed + batch·head stays below 2^31
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+# The @triton.jit kernels below carry no type hints on purpose: Triton reads a kernel parameter's annotation to
+# specialise it (tl.constexpr; "int", "float", "*fp32"... fix its type) and hashes the annotations into its cache key.
 
 
 @triton.jit
@@ -248,18 +252,18 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
                          f"{tuple(v.shape)}")
 
 
-def _on_its_device(method):
+def _on_its_device(method: _Method) -> _Method:
     """Launch on the device of the method's first tensor: Triton launches on the current CUDA device, which need not
     be the tensors' (a model on cuda:1 in a process whose current device is 0)."""
 
     @functools.wraps(method)
-    def on_device(self, x: Tensor, *args, **kwargs):
+    def on_device(self: Any, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         if not x.is_cuda:
             return method(self, x, *args, **kwargs)
         with torch.cuda.device(x.device):
             return method(self, x, *args, **kwargs)
 
-    return on_device
+    return on_device  # type: ignore[return-value]  # functools.wraps keeps the method's signature
 
 
 class TritonKernels:
@@ -336,7 +340,8 @@ class TritonKernels:
                                          BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
         return out
 
-    def dropout_mask(self, bh: int, tgt_len: int, src_len: int, p: float, seed: int, device="cpu") -> Tensor:
+    def dropout_mask(self, bh: int, tgt_len: int, src_len: int, p: float, seed: int,
+                     device: str | torch.device = "cpu") -> Tensor:
         out = torch.empty(bh, tgt_len, src_len, device=device)
         _dropout_mask[(triton.cdiv(tgt_len, 16), bh)](out, tgt_len, src_len, p, seed % SEED_RANGE, BLOCK_M=16,
                                                        BLOCK_N=16)

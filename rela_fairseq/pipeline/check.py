@@ -25,6 +25,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
+from typing import cast
 
 from .config import Task, item_download
 from .download import CHUNK, expected_checksums, local_name, mirror_urls, verify
@@ -57,7 +58,7 @@ def wanted_members(task: Task) -> dict[str, set[str]]:
         for item in task["data"][split]:
             for side in ("src", "tgt"):
                 if item.get(side):
-                    members[item_download(item, side)].add(item[side])
+                    members[cast(str, item_download(item, side))].add(item[side])
     return members
 
 

@@ -25,6 +25,7 @@ import shutil
 import tarfile
 import unicodedata
 import zipfile
+from typing import IO, cast
 
 from ..errors import RelaFairseqError
 
@@ -80,7 +81,7 @@ def extract_members(archive, members, out_dir):
             for info in tar:
                 names.append(info.name)
                 if info.name in members and info.isfile():
-                    with tar.extractfile(info) as src, open(target(info.name), "wb") as dst:
+                    with cast("IO[bytes]", tar.extractfile(info)) as src, open(target(info.name), "wb") as dst:
                         shutil.copyfileobj(src, dst, 1 << 20)
                     found.add(info.name)
     elif zipfile.is_zipfile(archive):

@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import subprocess
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from tqdm import tqdm
 
@@ -145,13 +145,13 @@ def _extract(task: Task) -> None:
         for item in data[split]:
             for side in ("src", "tgt"):
                 if item.get(side):
-                    members.setdefault(item_download(item, side), set()).add(item[side])
+                    members.setdefault(cast(str, item_download(item, side)), set()).add(item[side])
     for name, wanted in members.items():
         logger.info(f"extracting {len(wanted)} file(s) from {os.path.basename(downloads[name])}")
         extract_members(downloads[name], wanted, task.path("extracted", name))
 
     def side_path(item: dict, side: str) -> str:
-        download, member = item_download(item, side), item.get(side)
+        download, member = cast(str, item_download(item, side)), item.get(side)
         return os.path.join(task.path("extracted", download), member) if member else downloads[download]
 
     limits = {"train": data.get("max_train_sentences"), "test": data.get("max_test_sentences")}

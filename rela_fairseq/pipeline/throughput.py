@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import statistics
 import tempfile
+from typing import Any
 
 from ..errors import RelaFairseqError
 from .commands import generate_command, generation_speed, length_limits, run_fairseq, train_command, train_inner_wps
@@ -71,13 +72,14 @@ def measure(task: Task, checkpoints: dict[str, str], updates: int, sentences: in
     (``RELA_FAIRSEQ_KERNEL=eager``)."""
     if reference not in checkpoints:
         raise RelaFairseqError(f"speed ratios need the reference system {reference!r} among the systems measured")
-    entries = {s: (s, {}) for s in checkpoints}
+    entries: dict[str, tuple[str, dict]] = {s: (s, {}) for s in checkpoints}
     for name, (system, env) in (variants or {}).items():
         if system not in checkpoints:
             raise RelaFairseqError(f"speed variant {name!r} runs {system!r}, which is not among the systems measured")
         entries[name] = (system, env)
     names = list(entries)
-    raw = {name: {"train_wps": [], "decode_sps": [], "decoded_sentences": 0} for name in names}
+    raw: dict[str, dict[str, Any]] = {name: {"train_wps": [], "decode_sps": [], "decoded_sentences": 0}
+                                      for name in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:

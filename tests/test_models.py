@@ -210,7 +210,8 @@ def test_store_attn_keeps_per_head_weights_for_every_module():
 
 
 def test_readme_option_table_matches_the_settings_dataclass():
-    """Every attention setting is in the README's table with its choices, default first (settings.py defines them)."""
+    """Every attention setting is in docs/usage.md's options table (the README's before it moved there) with its
+    choices, default first (settings.py defines them)."""
     import os
     import re
     from dataclasses import fields
@@ -219,7 +220,7 @@ def test_readme_option_table_matches_the_settings_dataclass():
 
     from rela_fairseq.settings import ATTENTION_TYPES, AttentionSettings, field_choices
 
-    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    readme = open(os.path.join(REPO, "docs", "usage.md"), encoding="utf-8").read()
     rows = {}
     for line in readme.splitlines():
         if line.startswith("| `--"):
@@ -227,7 +228,7 @@ def test_readme_option_table_matches_the_settings_dataclass():
             for option in re.findall(r"`--([\w-]+)`", options):
                 rows[option.replace("-", "_")] = re.findall(r"`([^`]+)`", choices)
     for f in (f for f in fields(AttentionSettings) if not f.name.startswith("_")):
-        assert f.name in rows, f"README lists no --{f.name.replace('_', '-')}"
+        assert f.name in rows, f"docs/usage.md lists no --{f.name.replace('_', '-')}"
         choices = field_choices(f)
         if choices and f.default is not None:
             assert rows[f.name][0] == f.default and set(rows[f.name]) == set(choices), (f.name, rows[f.name])

@@ -107,6 +107,7 @@ TASK_KEYS = {
         "sacrebleu": {"test_set": str, "langpair": str},  # how sacrebleu -t names the test set, where it knows it
         "test_name": str,  # the test set's name otherwise
         "max_train_sentences": int,
+        "max_valid_sentences": int,
         "max_test_sentences": int,
         "generator": str,
         "sizes": {"train": int, "valid": int, "test": int},

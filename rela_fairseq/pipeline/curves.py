@@ -1,7 +1,7 @@
 """Learning curves: a run's validation loss (fairseq-train's own valid lines) and the validation BLEU of every
-checkpoint it saved every ``save_interval_updates`` (each decoded alone, not averaged, with the run's evaluate
-settings). BLEU per checkpoint is cached in RESULTS_ROOT/<task>/curves/<run>.json and decoded again only for a
-checkpoint written since or under other evaluate settings.
+checkpoint it saved every ``save_interval_updates`` and of its last state (each decoded alone, not averaged, with the
+run's evaluate settings). BLEU per checkpoint is cached in RESULTS_ROOT/<task>/curves/<run>.json and decoded again
+only for a checkpoint written since or under other evaluate settings.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import logging
 import os
 import re
 
-from ..averaging import CHECKPOINT_NAMES
+from ..averaging import CHECKPOINT_NAMES, checkpoint_updates
 from ..files import read_json, write_json
 from .config import Setting, Task
 
@@ -34,13 +34,18 @@ def run_valid_losses(checkpoint_dir: str) -> dict[int, float]:
         return valid_losses(f.read())
 
 
-def interval_checkpoints(checkpoint_dir: str) -> dict[int, str]:
-    """{updates: path} of the checkpoints saved every save_interval_updates (checkpoint_<epoch>_<updates>.pt)."""
+def curve_checkpoints(checkpoint_dir: str) -> dict[int, str]:
+    """{updates: path} of the checkpoints saved every save_interval_updates (checkpoint_<epoch>_<updates>.pt) and of
+    the run's last state (checkpoint_last.pt), which fairseq saves under an epoch's name instead where training ends
+    with an epoch."""
     found = {}
     for name in os.listdir(checkpoint_dir):
         match = CHECKPOINT_NAMES["update"].fullmatch(name)
         if match:
             found[int(match.group(1))] = os.path.join(checkpoint_dir, name)
+    last = os.path.join(checkpoint_dir, "checkpoint_last.pt")
+    if os.path.exists(last):
+        found.setdefault(checkpoint_updates(last), last)
     return dict(sorted(found.items()))
 
 
@@ -52,7 +57,7 @@ def learning_curve(task: Task, system: str, seed: int, setting: Setting, bleu: b
     checkpoint_dir = task.checkpoint_dir(system, seed, setting)
     run = task.run_name(system, seed, setting)
     losses = run_valid_losses(checkpoint_dir)
-    checkpoints = interval_checkpoints(checkpoint_dir) if bleu else {}
+    checkpoints = curve_checkpoints(checkpoint_dir) if bleu else {}
     cache_path = os.path.join(task.results_dir, "curves", f"{run}.json")
     cache = read_json(cache_path) if os.path.exists(cache_path) else {}
     if cache.get("evaluate_settings") != setting.evaluate:

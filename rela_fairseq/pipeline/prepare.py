@@ -115,7 +115,9 @@ def prepare(task: Task, mirror: str | None = None, workers: int | None = None) -
         steps.run("extract", lambda: _extract(task),
                   {"splits": {split: data[split] for split in SPLITS},
                    "max_train_sentences": data.get("max_train_sentences"),
-                   "max_test_sentences": data.get("max_test_sentences"), "normalisation": NORMALISATION_VERSION})
+                   "max_test_sentences": data.get("max_test_sentences"), "normalisation": NORMALISATION_VERSION,
+                   # only where set: data prepared before the key existed keeps its fingerprint
+                   **({"max_valid_sentences": data["max_valid_sentences"]} if data.get("max_valid_sentences") else {})})
     steps.run("sentencepiece", lambda: _train_sentencepiece(task, workers), task["sentencepiece"])
     steps.run("encode", lambda: _encode(task, workers), task.get("clean") or {})
     steps.run("binarize", lambda: _binarize(task, workers), {"tool": "fairseq-preprocess"})
@@ -154,7 +156,8 @@ def _extract(task: Task) -> None:
         download, member = cast(str, item_download(item, side)), item.get(side)
         return os.path.join(task.path("extracted", download), member) if member else downloads[download]
 
-    limits = {"train": data.get("max_train_sentences"), "test": data.get("max_test_sentences")}
+    limits = {"train": data.get("max_train_sentences"), "valid": data.get("max_valid_sentences"),
+              "test": data.get("max_test_sentences")}
     for split in SPLITS:
         limit = limits.get(split)
         names = [f"{split}.{task.src}", f"{split}.{task.tgt}"] + (["test.ref"] if split == "test" else [])

@@ -115,16 +115,23 @@ def train_command(task: Task, system: str, extra_args=(), hw: Hardware | None = 
     return cmd, split
 
 
+def fairseq_option(args: list[str], option: str) -> str | None:
+    """The value of a fairseq option in a command line (``--option VALUE`` or ``--option=VALUE``; the last one wins,
+    as in fairseq's parser), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(option + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def overridden_batch(extra_args, split: BatchSplit) -> BatchSplit | None:
     """The split when the user's extra options set --max-tokens or --update-freq themselves (they win)."""
-    values = {}
     args = list(extra_args)
-    for i, arg in enumerate(args):
-        for option in ("--max-tokens", "--update-freq"):
-            if arg == option and i + 1 < len(args):
-                values[option] = args[i + 1]
-            elif arg.startswith(option + "="):
-                values[option] = arg.split("=", 1)[1]
+    values = {option: value for option in ("--max-tokens", "--update-freq")
+              if (value := fairseq_option(args, option)) is not None}
     if not values:
         return None
     try:

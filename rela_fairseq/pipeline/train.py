@@ -26,7 +26,7 @@ from dataclasses import asdict
 
 from ..errors import RelaConfigError, RelaFairseqError
 from ..files import atomic_path, read_json, write_json
-from .commands import BatchSplit, overridden_batch, train_command
+from .commands import BatchSplit, fairseq_option, overridden_batch, train_command
 from .config import Setting, Task, data_changed, data_record
 from .fairseq_tool import command as fairseq_command
 from .fairseq_tool import prefix as tool_prefix
@@ -79,18 +79,6 @@ def train(task: Task, system: str, extra_args=(), seed: int | None = None, setti
     if returncode != 0:
         raise TrainingFailed(returncode, log)
     return checkpoint_dir
-
-
-def fairseq_option(args: list[str], option: str) -> str | None:
-    """The value of fairseq-train's ``option`` in ``args`` (``--option VALUE`` or ``--option=VALUE``; the last one
-    wins, as in fairseq's parser), or None."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg == option and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(option + "="):
-            value = arg.split("=", 1)[1]
-    return value
 
 
 def training_complete(checkpoint_dir: str, args: list[str]) -> bool:

@@ -21,11 +21,11 @@ import datetime
 import itertools
 import logging
 import os
-import statistics
 
 from ..errors import RelaConfigError
 from ..files import write_json
 from ..systems import LABELS
+from .compare import _fmt_mean_sd, _mean_sd
 from .config import TUNED_FILE, Setting, Task, data_record, format_value
 from .curves import run_valid_losses
 from .prepare import prepare
@@ -119,18 +119,13 @@ def tune(task: Task, systems: list[str], seeds: int = 1, mirror: str | None = No
 def _point(setting: Setting, point: dict, runs: list[dict]) -> dict:
     """One grid point's entry: its values, the setting they make and its runs' validation BLEU and loss (mean ± sd
     over the seeds)."""
-    def mean_sd(values: list) -> dict:
-        values = [v for v in values if v is not None]
-        return {"mean": round(statistics.mean(values), 2) if values else None,
-                "sd": round(statistics.stdev(values), 2) if len(values) > 1 else None, "n": len(values)}
-
     values = [f"{key} {format_value(value)}" for section in ("train", "evaluate")
               for key, value in point[section].items()]
     return {"train": point["train"], "evaluate": point["evaluate"], "overrides": setting.overrides,
             "describe": ", ".join(values) or setting.describe(), "runs": runs,
-            "valid_bleu": mean_sd([r["valid_bleu"] for r in runs]),
-            "valid_loss": mean_sd([r["valid_loss"] for r in runs]),
-            "heads_off": mean_sd([r["heads_off"] for r in runs]), "chosen": False}
+            "valid_bleu": _mean_sd([r["valid_bleu"] for r in runs]),
+            "valid_loss": _mean_sd([r["valid_loss"] for r in runs]),
+            "heads_off": _mean_sd([r["heads_off"] for r in runs]), "chosen": False}
 
 
 HEAD_OFF_RATE = 0.5  # a head counts as switched off when it attends to nothing for more than half of its queries
@@ -192,7 +187,8 @@ def markdown_table(report: dict) -> str:
             off = point["heads_off"]
             off_pct = {**off, "mean": None if off["mean"] is None else 100 * off["mean"],
                        "sd": None if off["sd"] is None else 100 * off["sd"]}
-            cells = [entry["label"], *values, str(bleu["n"]), _fmt(bleu, 1), _fmt(loss, 3), _fmt(off_pct, 0)]
+            cells = [entry["label"], *values, str(bleu["n"]), _fmt_mean_sd(bleu, 1), _fmt_mean_sd(loss, 3),
+                     _fmt_mean_sd(off_pct, 0)]
             if point["chosen"]:
                 cells = [f"**{c}**" for c in cells]
             lines.append("| " + " | ".join(cells) + " |")
@@ -204,9 +200,3 @@ def markdown_table(report: dict) -> str:
              "pinned: set for this system by the config's systems, not tuned. Bold: the point chosen per system "
              "(highest valid BLEU; ties: lower loss)."]
     return "\n".join(lines + notes)
-
-
-def _fmt(stat: dict, digits: int) -> str:
-    if stat["mean"] is None:
-        return "–"
-    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['sd']:.{digits}f}" if stat["sd"] is not None else "")

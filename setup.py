@@ -18,7 +18,7 @@ setup(
     long_description=LONG_DESCRIPTION,
     long_description_content_type="text/markdown",
     license="MIT",
-    packages=find_packages(include=["rela_fairseq", "rela_fairseq.*"]),
+    packages=find_packages(include=["rela_fairseq", "rela_fairseq.*", "rela_tools", "rela_tools.*"]),
     package_data={"rela_fairseq.kernels": ["*.cpp"]},  # compiled on first use (--rela-kernel)
     python_requires=">=3.8",
     install_requires=[
@@ -44,8 +44,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "rela-analyze = rela_fairseq.analyze.cli:main",
-            "rela-average-checkpoints = rela_fairseq.averaging:main",
+            "rela-analyze = rela_tools.analyze.cli:main",
+            "rela-average-checkpoints = rela_tools.averaging:main",
         ]
     },
     classifiers=[

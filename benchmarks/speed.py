@@ -321,12 +321,12 @@ def markdown(results: Iterable[dict[str, Any]]) -> str:
 
 
 def end_to_end(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """``--end-to-end TASK``: fairseq-train and fairseq-generate themselves on a prepared task (rela_fairseq.pipeline
+    """``--end-to-end TASK``: fairseq-train and fairseq-generate themselves on a prepared task (rela_tools.pipeline
     .throughput), words/s and sentences/s read from their own logs, round after round; the ReLA systems also with
     RELA_FAIRSEQ_KERNEL=eager (``--extra``). Decoding uses the task's trained checkpoints (scripts/compare.sh)."""
-    from rela_fairseq.files import read_json
-    from rela_fairseq.pipeline.config import load_task
-    from rela_fairseq.pipeline.throughput import measure
+    from rela_tools.files import read_json
+    from rela_tools.pipeline.config import load_task
+    from rela_tools.pipeline.throughput import measure
 
     task = load_task(args.end_to_end)  # QUICK=1: the quick variant scripts/compare.sh trained
     systems = ["softmax"] + [s for s in args.systems if s != "softmax"]

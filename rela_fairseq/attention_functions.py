@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AttentionSettingsError, RelaConfigError, require
+from rela_tools.errors import AttentionSettingsError, RelaConfigError, require
+
 from .rela import RelaNorm, at_least_fp32, rectify
 
 if TYPE_CHECKING:

@@ -40,7 +40,7 @@ def fairseq_checkpoint_globals():
 
     ``argparse.Namespace``: the legacy ``cfg.model`` of every argparse-registered model, ``transformer`` included.
     Found by loading every checkpoint type the project writes (last, best, epoch/update, averaged) with
-    ``weights_only=True``; tests/test_checkpoints.py keeps it that way.
+    ``weights_only=True``; tests/integration/test_checkpoints.py keeps it that way.
     """
     return [argparse.Namespace]
 

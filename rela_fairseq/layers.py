@@ -8,10 +8,11 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, Trans
 from fairseq.utils import safe_getattr
 from torch import nn
 
+from rela_tools.errors import RelaConfigError
+
 from . import compat
 from .attention import RelaMultiheadAttention
 from .attention_functions import build_attention_function
-from .errors import RelaConfigError
 from .settings import AttentionSettings
 
 

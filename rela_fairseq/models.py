@@ -37,7 +37,7 @@ from .settings import RelaTransformerConfig, add_args, flat_namespace, set_defau
 
 # fairseq names each dropout module after its owner's class, and --retain-dropout-modules picks them by that name:
 # ours answer to the stock Transformer's names, so that a stock list (Monte-Carlo dropout recipes) keeps them too
-# (fairseq 0.12.2 and fairseq-fixed alike; tests/test_models.py compares them with the stock model's)
+# (fairseq 0.12.2 and fairseq-fixed alike; tests/unit/test_models.py compares them with the stock model's)
 STOCK_DROPOUT_NAMES = {
     "RelaEncoder": "TransformerEncoder",
     "RelaDecoder": "TransformerDecoder",

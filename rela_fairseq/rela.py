@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rela_tools.errors import RelaConfigError
+
 from . import kernels
-from .errors import RelaConfigError
 
 EPS = 1e-8  # inside the square root, as in the official code
 # the choices of each switch (settings.AttentionSettings offers them as options, with their defaults and help)

@@ -19,9 +19,10 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models.transformer import TransformerConfig
 from fairseq.utils import safe_getattr
 
+from rela_tools.attention_types import ATTENTION_TYPE, ATTENTION_TYPES
+from rela_tools.errors import RelaConfigError
+
 from .attention_functions import ATTENTION_FUNCTIONS
-from .attention_types import ATTENTION_TYPE, ATTENTION_TYPES
-from .errors import RelaConfigError
 from .kernels import KERNELS
 from .rela import ACTIVATIONS, GAIN_INITS, NORM_SCOPES, NORMS, VARIANTS
 

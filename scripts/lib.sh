@@ -76,7 +76,7 @@ pipeline_python() {
   die "no Python with rela_fairseq installed: run scripts/setup_env.sh, or pip install -e . and set RELA_PYTHON"
 }
 
-# run_pipeline COMMAND ARGS...: python -m rela_fairseq.pipeline COMMAND ARGS... with that Python; --help needs no
+# run_pipeline COMMAND ARGS...: python -m rela_tools.pipeline COMMAND ARGS... with that Python; --help needs no
 # environment (any python3 prints it)
 run_pipeline() {
   local python
@@ -86,5 +86,5 @@ run_pipeline() {
     python="$(pipeline_python)"
   fi
   cd "$REPO_ROOT"
-  exec "$python" -m rela_fairseq.pipeline "$@"
+  exec "$python" -m rela_tools.pipeline "$@"
 }

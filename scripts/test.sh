@@ -1,10 +1,22 @@
 #!/usr/bin/env bash
-# scripts/test.sh [--py 3.11|3.10] [pytest options...]: set up the environments, lint with ruff, type-check with mypy,
-# and run the test suite under Python 3.11 with fairseq-fixed 0.12.3.1 and under Python 3.10 with fairseq 0.12.2, side by side; fails if any fails.
+# scripts/test.sh [--py 3.11|3.10] [--tier unit|integration|pipeline|support] [pytest options...]: set up the
+# environments, lint with ruff, type-check with mypy, and run the test suite (or one tier of it, tests/TIER) under
+# Python 3.11 with fairseq-fixed 0.12.3.1 and under Python 3.10 with fairseq 0.12.2, side by side; fails if any fails.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+TIERS=(unit integration pipeline support)  # tests/unit: math, kernels, settings; integration: fairseq's tools through
+# --user-dir; pipeline: the scripts, data, tune and compare; support: the suite's servers and helpers
 versions=(3.11 3.10)
-if [[ ${1:-} == --py ]]; then versions=("$2"); shift 2; fi
-if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,3p' "$0" | sed 's/^# //'; exit 0; fi
+paths=()
+while (( $# )); do
+  case $1 in
+    --py) [[ ${2:-} == 3.11 || ${2:-} == 3.10 ]] || die "--py: got '${2:-}', accepted: 3.11, 3.10"
+          versions=("$2"); shift 2 ;;
+    --tier) [[ " ${TIERS[*]} " == *" ${2:-} "* ]] || die "--tier: got '${2:-}', accepted: ${TIERS[*]}"
+            paths+=("tests/$2"); shift 2 ;;
+    -h|--help) sed -n '2,4p' "$0" | sed 's/^# //'; exit 0 ;;
+    *) break ;;
+  esac
+done
 unset TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD  # the tests exercise the checkpoint allow-list, never the global switch
 
 failed=()
@@ -25,7 +37,7 @@ done
 if [[ -z ${venvs[3.11]:-${venvs[3.10]:-}} ]]; then die "failed: ${failed[*]}"; fi  # no environment to test in
 log "ruff (lint and import order)"
 (cd "$REPO_ROOT" && "${venvs[3.11]:-${venvs[3.10]}}/bin/ruff" check .) || failed+=("ruff")
-log "mypy (type checking: rela_fairseq and benchmarks, mypy.ini)"
+log "mypy (type checking: rela_fairseq, rela_tools and benchmarks, mypy.ini)"
 (cd "$REPO_ROOT" && "${venvs[3.11]:-${venvs[3.10]}}/bin/mypy") || failed+=("mypy")
 
 # the suites run side by side: much of their time is single-threaded (starting fairseq's command-line tools). Each
@@ -40,11 +52,11 @@ for version in "${!venvs[@]}"; do
     # what does not depend on fairseq's version runs once, under 3.11 (pytest.ini, marker one_python)
     only=(); if [[ $version != 3.11 && -n ${venvs[3.11]:-} ]]; then only=(-m "not one_python"); fi
     # the ReLA models run through the fused kernels under 3.11 and through the eager operators under 3.10: the suite
-    # passes with both (tests/test_kernels.py compares the two on each version whatever this says)
+    # passes with both (tests/unit/test_kernels.py compares the two on each version whatever this says)
     kernel=fused; if [[ $version == 3.10 ]]; then kernel=eager; fi
     RELA_FAIRSEQ_KERNEL=${RELA_FAIRSEQ_KERNEL:-$kernel} OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads} \
       "${venvs[$version]}/bin/python" -m pytest -p no:cacheprovider \
-      "${only[@]}" "$@" 2>&1 | sed -u "s/^/[py$version] /"
+      "${only[@]}" "${paths[@]}" "$@" 2>&1 | sed -u "s/^/[py$version] /"
     exit "${PIPESTATUS[0]}"
   ) &
   pids[$version]=$!

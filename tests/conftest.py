@@ -11,7 +11,7 @@ from archive_server import ArchiveServer
 from helpers import TINY_TRAIN_ARGS, run_cli
 from tool_client import SOCKET_VAR
 
-from rela_fairseq.systems import SYSTEMS
+from rela_tools.systems import SYSTEMS
 
 # small enough to train a few dozen updates in seconds, large enough for several batches
 TINY_SIZES = {"train": 500, "valid": 48, "test": 37}  # 37: not a multiple of fairseq's batch multiple of 8
@@ -41,7 +41,7 @@ def pipeline_tools_from_the_tool_server():
     if os.environ.get("RELA_TESTS_NEW_INTERPRETERS") == "1":
         yield
         return
-    client = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tool_client.py")
+    client = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support", "tool_client.py")
     settings = {"RELA_TOOL_PREFIX": shlex.join([sys.executable, "-S", "-E", client]),
                 SOCKET_VAR: tool_server.server().socket_path}
     saved = {k: os.environ.get(k) for k in settings}
@@ -57,7 +57,7 @@ def pipeline_tools_from_the_tool_server():
 
 @pytest.fixture(scope="session")
 def toy_raw(tmp_path_factory):
-    from rela_fairseq.toy import write_task
+    from rela_tools.toy import write_task
 
     out = tmp_path_factory.mktemp("toy_raw")
     write_task(str(out), TINY_SIZES)

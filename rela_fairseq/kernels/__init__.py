@@ -12,7 +12,7 @@ step of incremental decoding, and the gated RMSNorm, each one kernel per directi
 * ``RELA_FAIRSEQ_KERNEL=eager|fused|auto`` in the environment overrides the option, checkpoints' included (a model
   trained with ``fused`` and decoded where no compiler exists; the test suite runs under each).
 
-The eager path stays the reference: ``tests/test_kernels.py`` checks both kernels against it (outputs, gradients,
+The eager path stays the reference: ``tests/unit/test_kernels.py`` checks both kernels against it (outputs, gradients,
 masks, incremental decoding, dropout statistics), the Triton ones in Triton's interpreter where there is no GPU.
 """
 
@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from ..errors import RelaConfigError, RelaFairseqError
+from rela_tools.errors import RelaConfigError, RelaFairseqError
 
 logger = logging.getLogger(__name__)
 KERNELS = ("auto", "fused", "eager")

@@ -66,7 +66,7 @@ def newest_checkpoints(directory: str, n: int, kinds=("update", "epoch", "last")
 
 def _load(path: str, mmap: bool = False) -> dict:
     # weights_only through the plugin's allow-list (importing this package set it up)
-    from . import compat
+    from rela_fairseq import compat
 
     compat.allow_fairseq_checkpoints()
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

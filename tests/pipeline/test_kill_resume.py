@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SYSTEM = "rela_g"  # the plugin's own attention (fused or eager kernels, as RELA_FAIRSEQ_KERNEL says) and dropout
 MAX_UPDATE = 30  # configs/toy.yaml, quick
 KILL_INSIDE_COPY = "RELA_TEST_KILL_INSIDE_COPY"  # the wrapper's setting: the name of the copy to cut (its first one)
@@ -53,7 +53,7 @@ def kill_inside_copy(argv: list[str]) -> None:
 
     shutil.copyfile = cut_copy
     here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]  # tests/ shadows nothing
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]  # this folder shadows nothing
     sys.argv = argv[1:]
     runpy.run_path(argv[1], run_name="__main__")
 
@@ -153,7 +153,7 @@ class Run:
 
 def kill_campaign(root, env: dict) -> list[str]:
     """Start reproduce.sh again after each kill of KILLS, then once to the end; the outputs of all runs."""
-    from rela_fairseq.pipeline.train import is_truncated
+    from rela_tools.pipeline.train import is_truncated
 
     moments = random.Random(MOMENTS_SEED)
     outputs = []
@@ -300,7 +300,7 @@ def save_states(folder, updates_by_name: dict) -> None:
 
 @pytest.mark.one_python
 def test_a_finished_run_is_not_trained_again_and_its_cut_removals_are_completed(tmp_path):
-    from rela_fairseq.pipeline.train import fairseq_option, training_complete
+    from rela_tools.pipeline.train import fairseq_option, training_complete
 
     args = ["DATA", "--max-update", "30", "--keep-last-epochs", "2", "--keep-interval-updates", "2",
             "--max-update=40"]

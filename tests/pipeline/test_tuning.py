@@ -1,5 +1,5 @@
 """Per-system settings, tune.sh's grid and choice, the learning curves' log reading and the paired bootstrap test:
-the logic, without training (tests/test_compare.py runs tune.sh and compare.sh end to end)."""
+the logic, without training (tests/pipeline/test_compare.py runs tune.sh and compare.sh end to end)."""
 
 import json
 import os
@@ -7,8 +7,8 @@ import os
 import pytest
 from helpers import edit_yaml, pipeline_folders
 
-from rela_fairseq.errors import MissingDependencyError, RelaConfigError
-from rela_fairseq.pipeline.config import load_task
+from rela_tools.errors import MissingDependencyError, RelaConfigError
+from rela_tools.pipeline.config import load_task
 
 
 def write_tuned(task, systems):
@@ -77,8 +77,8 @@ def test_a_bad_system_setting_or_grid_is_an_error_naming_it(tmp_path, monkeypatc
 def test_a_resume_refuses_checkpoints_of_other_training_settings_but_not_other_bookkeeping(tmp_path, monkeypatch):
     import torch
 
-    from rela_fairseq.pipeline import train as train_module
-    from rela_fairseq.pipeline.prepare import prepare
+    from rela_tools.pipeline import train as train_module
+    from rela_tools.pipeline.prepare import prepare
 
     configs = pipeline_folders(tmp_path, monkeypatch)
     monkeypatch.setattr(train_module, "run_logged", lambda cmd, log: 0)
@@ -103,7 +103,7 @@ def test_a_resume_refuses_checkpoints_of_other_training_settings_but_not_other_b
 # --------------------------------------------------------------------------- tune.sh's grid and choice
 
 def test_the_grid_skips_what_the_config_pins_and_quick_keeps_two_points(tmp_path, monkeypatch):
-    from rela_fairseq.pipeline.tune import grid_points
+    from rela_tools.pipeline.tune import grid_points
 
     configs = pipeline_folders(tmp_path, monkeypatch)
     edit_yaml(configs / "toy.yaml", lambda c: c["tune"]["grid"]["train"].update(warmup_updates=[10, 20]))
@@ -120,7 +120,7 @@ def test_the_grid_skips_what_the_config_pins_and_quick_keeps_two_points(tmp_path
 
 
 def test_tune_chooses_by_validation_bleu_then_loss_and_never_evaluates_the_test_set(tmp_path, monkeypatch, capsys):
-    from rela_fairseq.pipeline import records, tune
+    from rela_tools.pipeline import records, tune
 
     pipeline_folders(tmp_path, monkeypatch)
     task = load_task("toy")
@@ -165,7 +165,7 @@ def test_tune_chooses_by_validation_bleu_then_loss_and_never_evaluates_the_test_
 
 
 def test_heads_off_counts_heads_null_for_more_than_half_their_queries():
-    from rela_fairseq.pipeline.tune import heads_off
+    from rela_tools.pipeline.tune import heads_off
 
     def layer(*rates):
         return {"heads": [{"null_rate": rate} for rate in rates]}
@@ -178,7 +178,7 @@ def test_heads_off_counts_heads_null_for_more_than_half_their_queries():
 def test_tune_and_compare_check_that_they_can_plot_before_training_anything(tmp_path, monkeypatch):
     import importlib.util
 
-    from rela_fairseq.pipeline import compare, tune
+    from rela_tools.pipeline import compare, tune
 
     pipeline_folders(tmp_path, monkeypatch)
     find_spec = importlib.util.find_spec
@@ -194,7 +194,7 @@ def test_tune_and_compare_check_that_they_can_plot_before_training_anything(tmp_
 # --------------------------------------------------------------------------- learning curves and significance
 
 def test_valid_losses_are_read_from_fairseqs_own_valid_lines():
-    from rela_fairseq.pipeline.curves import valid_losses
+    from rela_tools.pipeline.curves import valid_losses
 
     log = ("2026-11-30 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 8.569 | nll_loss 8.044 | ppl 263.88 "
            "| wps 13575.5 | wpb 1287.8 | bsz 84 | num_updates 100\n"
@@ -207,7 +207,7 @@ def test_valid_losses_are_read_from_fairseqs_own_valid_lines():
 def test_the_paired_bootstrap_tells_a_real_difference_from_resampling_noise():
     import random
 
-    from rela_fairseq.pipeline.significance import compare_to_reference, mark, paired_bootstrap
+    from rela_tools.pipeline.significance import compare_to_reference, mark, paired_bootstrap
 
     rng = random.Random(1)
     words = [f"w{i}" for i in range(50)]
@@ -230,7 +230,7 @@ def test_the_paired_bootstrap_tells_a_real_difference_from_resampling_noise():
 
 
 def test_the_results_table_keeps_runs_of_other_settings_apart():
-    from rela_fairseq.pipeline.results import markdown_table
+    from rela_tools.pipeline.results import markdown_table
 
     def result(score, seed, overrides=None):
         return {"task": "toy", "system": "rela_g", "seed": seed, "test_set": "local", "langpair": "src-tgt",
@@ -244,8 +244,8 @@ def test_the_results_table_keeps_runs_of_other_settings_apart():
 
 
 def test_set_on_the_command_line_overrides_every_system_into_folders_of_their_own(tmp_path, monkeypatch):
-    from rela_fairseq.pipeline.__main__ import fairseq_extra_args, parse_args
-    from rela_fairseq.pipeline.config import parse_set_option
+    from rela_tools.pipeline.__main__ import fairseq_extra_args, parse_args
+    from rela_tools.pipeline.config import parse_set_option
 
     pipeline_folders(tmp_path, monkeypatch)
     args = parse_args(["train", "toy", "rela_g", "--lr", "1e-3", "--set", "train.max_update=60",

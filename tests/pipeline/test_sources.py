@@ -7,11 +7,10 @@ import re
 
 import pytest
 from archive_server import manifests, real_config, serve_config, write_local_configs
-from helpers import REPO, copy_configs, edit_yaml, pipeline_folders
-from test_pipeline import run_script, script_env
+from helpers import REPO, copy_configs, edit_yaml, pipeline_folders, run_script, script_env
 
-from rela_fairseq.errors import RelaConfigError
-from rela_fairseq.pipeline.config import available_tasks, load_task
+from rela_tools.errors import RelaConfigError
+from rela_tools.pipeline.config import available_tasks, load_task
 
 pytestmark = pytest.mark.one_python
 DOWNLOAD_TASKS = [t for t in available_tasks() if not real_config(t)["data"].get("generator")]
@@ -124,7 +123,7 @@ def test_check_works_offline_against_a_mirror_folder(tmp_path):
 
 @pytest.mark.parametrize("devices", [1, 2, 3, 8, 16])
 def test_tokens_per_update_within_two_percent_and_never_above(devices):
-    from rela_fairseq.pipeline.commands import split_batch
+    from rela_tools.pipeline.commands import split_batch
 
     split = split_batch(25000, 6250, devices, min_tokens=251)
     assert split.max_tokens * split.update_freq * devices == split.actual <= 25000
@@ -137,8 +136,8 @@ def test_tokens_per_update_within_two_percent_and_never_above(devices):
 @pytest.mark.parametrize("task", [t for t in available_tasks() if t != "toy"])
 @pytest.mark.parametrize("devices", [1, 2, 3, 8, 16])
 def test_every_task_gets_its_batch_in_the_command(task, devices):
-    from rela_fairseq.pipeline.commands import train_command
-    from rela_fairseq.pipeline.runtime import Hardware
+    from rela_tools.pipeline.commands import train_command
+    from rela_tools.pipeline.runtime import Hardware
 
     loaded = load_task(task, quick=False)
     args, split = train_command(loaded, "rela_g", hw=Hardware(gpus=devices, fp16=True, nodes=1,
@@ -150,14 +149,14 @@ def test_every_task_gets_its_batch_in_the_command(task, devices):
 
 
 def test_too_many_devices_is_a_clear_error():
-    from rela_fairseq.pipeline.commands import split_batch
+    from rela_tools.pipeline.commands import split_batch
 
     with pytest.raises(RelaConfigError, match="512 devices would get 48 tokens per step each, fewer than the longest"):
         split_batch(25000, 6250, 512, min_tokens=251)
 
 
 def test_normalisation_keeps_words_apart():
-    from rela_fairseq.pipeline.corpora import normalise
+    from rela_tools.pipeline.corpora import normalise
 
     # control characters separate words (Moses' remove-non-printing-char.perl makes them spaces); deleting them glued
     # "Haus" and "und"
@@ -190,8 +189,8 @@ def test_a_changed_sentencepiece_setting_reruns_that_step_and_the_ones_after(tmp
 def test_checkpoints_of_stale_data_are_refused(tmp_path, monkeypatch):
     import torch
 
-    from rela_fairseq.pipeline import train as train_module
-    from rela_fairseq.pipeline.prepare import prepare
+    from rela_tools.pipeline import train as train_module
+    from rela_tools.pipeline.prepare import prepare
 
     configs = pipeline_folders(tmp_path, monkeypatch)
     monkeypatch.setattr(train_module, "run_logged", lambda cmd, log: 0)  # what fairseq-train would do: nothing here
@@ -211,8 +210,8 @@ def test_checkpoints_of_stale_data_are_refused(tmp_path, monkeypatch):
 def test_a_resume_with_the_same_batch_options_warns_of_nothing(tmp_path, monkeypatch, caplog):
     import torch
 
-    from rela_fairseq.pipeline import train as train_module
-    from rela_fairseq.pipeline.prepare import prepare
+    from rela_tools.pipeline import train as train_module
+    from rela_tools.pipeline.prepare import prepare
 
     pipeline_folders(tmp_path, monkeypatch)
     monkeypatch.setattr(train_module, "run_logged", lambda cmd, log: 0)
@@ -237,10 +236,10 @@ def test_checkpoints_of_another_vocabulary_from_the_same_settings_are_refused(tm
 
     import torch
 
-    from rela_fairseq.pipeline import records
-    from rela_fairseq.pipeline import train as train_module
-    from rela_fairseq.pipeline.evaluate import evaluate
-    from rela_fairseq.pipeline.prepare import prepare
+    from rela_tools.pipeline import records
+    from rela_tools.pipeline import train as train_module
+    from rela_tools.pipeline.evaluate import evaluate
+    from rela_tools.pipeline.prepare import prepare
 
     pipeline_folders(tmp_path, monkeypatch)
     monkeypatch.setattr(train_module, "run_logged", lambda cmd, log: 0)
@@ -274,7 +273,7 @@ def test_checkpoints_of_another_vocabulary_from_the_same_settings_are_refused(tm
 def test_compare_reuses_a_result_only_under_the_same_evaluate_settings(tmp_path, monkeypatch, caplog):
     import json
 
-    from rela_fairseq.pipeline import records
+    from rela_tools.pipeline import records
 
     pipeline_folders(tmp_path, monkeypatch)
     task = load_task("toy", quick=True)
@@ -309,7 +308,7 @@ def test_compare_measures_decoding_speed_again_after_the_evaluate_settings_or_ch
                                                                                                 monkeypatch):
     import json
 
-    from rela_fairseq.pipeline import compare, throughput
+    from rela_tools.pipeline import compare, throughput
 
     pipeline_folders(tmp_path, monkeypatch)
     task = load_task("toy", quick=True)
@@ -341,7 +340,7 @@ def test_compare_measures_decoding_speed_again_after_the_evaluate_settings_or_ch
 
 
 def test_the_results_table_says_how_many_seeds_each_score_comes_from():
-    from rela_fairseq.pipeline.results import markdown_table
+    from rela_tools.pipeline.results import markdown_table
 
     def result(system, seed, score):
         return {"task": "wmt16_ro_en", "system": system, "seed": seed, "test_set": "wmt16", "langpair": "ro-en",
@@ -359,7 +358,7 @@ def test_the_results_table_says_how_many_seeds_each_score_comes_from():
 def test_a_step_after_one_that_ran_again_runs_again(tmp_path, caplog):
     """A step whose record was lost (an interrupted re-run) runs again with the same settings and may write other
     files (sentencepiece from a sample): the steps after it must not keep what they made from the earlier files."""
-    from rela_fairseq.pipeline.prepare import Steps
+    from rela_tools.pipeline.prepare import Steps
 
     ran = []
     for _ in range(2):
@@ -393,7 +392,7 @@ def test_sentencepiece_learns_the_same_vocabulary_from_a_sample_in_every_run(tmp
 
 
 def test_the_sentencepiece_sample_is_drawn_with_a_fixed_seed(tmp_path):
-    from rela_fairseq.pipeline.prepare import sentencepiece_sample
+    from rela_tools.pipeline.prepare import sentencepiece_sample
 
     inputs = [tmp_path / "train.de", tmp_path / "train.en"]
     for lang, path in zip(("de", "en"), inputs):
@@ -445,7 +444,7 @@ def test_a_config_typo_stops_the_scripts_with_one_line(tmp_path):
 # --------------------------------------------------------------------------- small defects
 
 def test_pipeline_keeps_a_double_dash_that_is_not_the_separator():
-    from rela_fairseq.pipeline.__main__ import fairseq_extra_args
+    from rela_tools.pipeline.__main__ import fairseq_extra_args
 
     assert fairseq_extra_args(["--", "--max-update", "5"]) == ["--max-update", "5"]
     assert fairseq_extra_args(["--max-update", "5", "--", "x"]) == ["--max-update", "5", "--", "x"]
@@ -453,7 +452,7 @@ def test_pipeline_keeps_a_double_dash_that_is_not_the_separator():
 
 
 def test_report_formats_a_missing_js_value():
-    from rela_fairseq.pipeline.report import table
+    from rela_tools.pipeline.report import table
 
     attention = {"overall_sparsity": 0.5, "types": {kind: {"overall": {"sparsity": 0.5, "null_rate": 0.1, "js": None}}
                                                     for kind in ("encoder", "decoder", "cross")}}
@@ -466,7 +465,7 @@ def test_report_formats_a_missing_js_value():
 
 
 def test_a_failed_training_raises_instead_of_exiting(tmp_path, monkeypatch):
-    from rela_fairseq.pipeline import train as train_module
+    from rela_tools.pipeline import train as train_module
 
     monkeypatch.setattr(train_module, "run_logged", lambda cmd, log: 3)
     monkeypatch.setenv("DATA_ROOT", str(tmp_path / "data"))
@@ -487,7 +486,7 @@ def test_schema_accepts_every_shipped_config():
 
 
 def test_configs_readme_documents_every_key_of_the_schema():
-    from rela_fairseq.pipeline.config import TASK_KEYS, ListOf, MapOf
+    from rela_tools.pipeline.config import TASK_KEYS, ListOf, MapOf
 
     def keys(spec):
         if isinstance(spec, (ListOf, MapOf)):

@@ -6,33 +6,20 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
-from fairseq.sequence_generator import SequenceGenerator
-from helpers import FakeTask, build_model, left_padded_batch
-from test_attention import EMBED, HEADS, make_attention
+from helpers import EMBED, HEADS, make_attention
+from kernel_checks import (
+    RELA_SETTINGS,
+    TOL,
+    assert_close,
+    check_decoding_step,
+    check_models_fused_equal_eager,
+    eager_core,
+    time_major,
+)
 
 from rela_fairseq import kernels
-from rela_fairseq.errors import RelaConfigError
-from rela_fairseq.rela import EPS, rectify, rela_norm_reference
-
-TASK = FakeTask(vocab_size=23)
-TOL = dict(rtol=1e-5, atol=1e-5)  # fp32, as the issue asks
-
-
-def assert_close(actual, expected, rtol=1e-5, **kw):
-    """fp32 agreement to ``rtol`` of the tensor's own scale: fused and eager sum the same products in another order,
-    and squared-ReLU outputs or weight gradients are far larger than 1."""
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, **kw)
-# every ReLA ablation switch the kernels support (the attention core runs for all; RMSNorm is fused, layer/none eager)
-RELA_SETTINGS = {
-    "rela_g": {},
-    "rela_i": {"rela_variant": "init"},
-    "relu2": {"rela_activation": "relu2"},
-    "head_norm": {"rela_norm_scope": "head"},
-    "layer_norm": {"rela_norm": "layer"},
-    "no_norm": {"rela_norm": "none"},
-}
+from rela_fairseq.rela import EPS, rela_norm_reference
+from rela_tools.errors import RelaConfigError
 
 
 @pytest.fixture(scope="module")
@@ -57,27 +44,6 @@ def several_threads():
 def no_kernel_override(monkeypatch):
     """These tests choose the kernel themselves; the suite-wide RELA_FAIRSEQ_KERNEL must not override them."""
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-
-
-def eager_core(q, k, v, scale, padding, attn_mask, activation, keep):
-    """Steps 2-6 with PyTorch operators on [B·H, len, d_h] tensors; ``keep`` the dropout multipliers (or None)."""
-    scores = torch.bmm(q * scale, k.transpose(1, 2))
-    if attn_mask is not None:
-        scores = scores + attn_mask
-    if padding is not None:
-        bsz, src_len = padding.shape
-        scores = scores.view(bsz, -1, *scores.shape[1:]).masked_fill(padding.view(bsz, 1, 1, src_len), 0.0)
-        scores = scores.view(-1, *scores.shape[2:])
-    weights = rectify(scores, activation)
-    if keep is not None:
-        weights = weights * keep
-    return torch.bmm(weights, v)
-
-
-def time_major(*shape, seed):
-    """A [B·H, len, d_h] view of a [len, B·H, d_h] tensor, as fairseq's projections give them to the kernel."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(shape[1], shape[0], shape[2], generator=gen).requires_grad_().transpose(0, 1)
 
 
 @pytest.mark.parametrize("activation", ["relu", "relu2"])
@@ -241,62 +207,6 @@ def test_models_fused_equal_eager_in_training_and_beam_search(setting, ext, monk
     check_models_fused_equal_eager(setting, kernels._CpuExtension, ext, monkeypatch)
 
 
-def check_models_fused_equal_eager(setting, backend, module, monkeypatch, device=torch.device("cpu")):
-    """Whole tiny models: the training loss and every gradient, then beam search (incremental decoding: the fused
-    step kernel, beam-reduced cross-attention) give the same hypotheses and scores; ``backend`` (with its loaded
-    ``module``) serves ``device``'s tensors."""
-    spy = KernelSpy(module)
-    monkeypatch.setattr(backend, "module", spy)
-    monkeypatch.setitem(kernels.BACKENDS, device.type, backend)
-    options = dict(RELA_SETTINGS[setting], encoder_layers=2, decoder_layers=2)
-    models = {kernel: build_model(task=TASK, seed=3, rela_kernel=kernel, **options).to(device)
-              for kernel in ("fused", "eager")}
-    models["eager"].load_state_dict(models["fused"].state_dict())
-    src, lengths = (x.to(device) for x in left_padded_batch(TASK.src_dict, [9, 6, 2, 4]))
-    prev = left_padded_batch(TASK.tgt_dict, [7, 5, 7, 3], seed=2)[0].to(device)
-    losses, grads = {}, {}
-    for kernel, model in models.items():
-        model.train()
-        logits = model(src, lengths, prev)[0]
-        losses[kernel] = F.cross_entropy(logits.flatten(0, 1), prev.flatten())
-        grads[kernel] = torch.autograd.grad(losses[kernel], list(model.parameters()))
-        model.eval()
-    torch.testing.assert_close(losses["fused"], losses["eager"], **TOL)
-    for f, e in zip(grads["fused"], grads["eager"]):
-        assert_close(f, e, rtol=1e-4)  # summed over two layers and every token
-    hypos = {}
-    for kernel, model in models.items():
-        generator = SequenceGenerator([model], TASK.tgt_dict, beam_size=3, max_len_b=8)
-        with torch.no_grad():
-            hypos[kernel] = generator.forward({"net_input": {"src_tokens": src, "src_lengths": lengths}})
-    # every kernel ran (the fused model's modules took the fused routes), none for the eager model's
-    assert set(spy.calls) == {"attention_forward", "attention_backward", "attention_step", "norm_forward",
-                              "norm_backward"} - ({"norm_forward", "norm_backward"} if setting == "no_norm" else set())
-    for sentence_f, sentence_e in zip(hypos["fused"], hypos["eager"]):
-        for hypo_f, hypo_e in zip(sentence_f, sentence_e):
-            assert torch.equal(hypo_f["tokens"], hypo_e["tokens"])
-            torch.testing.assert_close(hypo_f["positional_scores"], hypo_e["positional_scores"], **TOL)
-            torch.testing.assert_close(hypo_f["attention"], hypo_e["attention"], **TOL)
-
-
-def check_decoding_step(module, device, layout, beam, activation="relu"):
-    """``attention_step`` against ReLU (or its square) and A·V: the scores rectified in place (the weights fairseq
-    returns), the values shared by the ``beam`` hypotheses of a sentence and read in place in their ``layout``
-    (fairseq's cached encoder values are a time-major view)."""
-    sentences, heads, tgt_len, src_len, head_dim = 2, 4, 2, 21, 8
-    gen = torch.Generator().manual_seed(beam)
-    scores = torch.randn(sentences * beam * heads, tgt_len, src_len, generator=gen).to(device)
-    values = torch.randn(src_len, sentences * heads, head_dim, generator=gen).to(device)
-    values = values.transpose(0, 1) if layout == "time_major" else values.transpose(0, 1).contiguous()
-    weights = rectify(scores, activation)
-    expected = torch.einsum("bxhts,bhsd->bxhtd", weights.view(sentences, beam, heads, tgt_len, src_len),
-                            values.reshape(sentences, heads, src_len, head_dim))
-    out = module.attention_step(scores, values, heads, activation == "relu2")
-    assert out.shape == (tgt_len, sentences * beam * heads, head_dim)  # time-major, as fairseq's head outputs
-    torch.testing.assert_close(out, expected.reshape(-1, tgt_len, head_dim).transpose(0, 1), **TOL)
-    torch.testing.assert_close(scores, weights, rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("layout", ["contiguous", "time_major"])
 @pytest.mark.parametrize("beam", [1, 3])
 @pytest.mark.parametrize("activation", ["relu", "relu2"])
@@ -365,19 +275,6 @@ def test_calls_beyond_the_kernels_launch_limits_run_eagerly(ext, monkeypatch):
         x = torch.randn(4, batch, EMBED)
         torch.testing.assert_close(fused(x, x, x, need_weights=False)[0], eager(x, x, x, need_weights=False)[0], **TOL)
     assert calls == [2 * HEADS]  # 3 sentences x 4 heads is beyond the limit: the eager route
-
-
-class KernelSpy:
-    """The compiled module, counting which of its kernels are called."""
-
-    def __init__(self, module):
-        self.module, self.calls = module, {}
-
-    def __getattr__(self, name):
-        attribute = getattr(self.module, name)
-        if callable(attribute):  # a kernel; a backend's launch limits (or their absence) are looked up, not called
-            self.calls[name] = self.calls.get(name, 0) + 1
-        return attribute
 
 
 def test_fused_core_keeps_no_score_matrix(ext):

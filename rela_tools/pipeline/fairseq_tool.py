@@ -1,12 +1,13 @@
 """Run one of fairseq's command-line tools as the pipeline does: the installed tool itself, with the known harmless
-warnings silenced (``rela_fairseq/quiet.py``) and fairseq's own log format.
+warnings silenced (``rela_tools/quiet.py``) and fairseq's own log format.
 
-    python rela_fairseq/pipeline/fairseq_tool.py fairseq-train DATA --arch transformer_rela ...
+    python rela_tools/pipeline/fairseq_tool.py fairseq-train DATA --arch transformer_rela ...
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \\
-        rela_fairseq/pipeline/fairseq_tool.py fairseq-train-torchrun DATA --arch transformer_rela ...
+        rela_tools/pipeline/fairseq_tool.py fairseq-train-torchrun DATA --arch transformer_rela ...
 
-It runs as a script, not as ``python -m rela_fairseq...``: importing the package would import fairseq before the
-tool sets up logging, and one of fairseq's speech tasks then sets every logger to DEBUG. Standard library only.
+It runs as a script as well as with ``python -m rela_tools.pipeline.fairseq_tool``: rela_tools imports neither torch
+nor fairseq, so the logging below is set up before fairseq is first imported (one of its speech tasks otherwise sets
+every logger to DEBUG).
 
 ``fairseq-train-torchrun`` is fairseq-train under torchrun, one process per device on one node or many. fairseq reads
 torchrun's environment itself only on GPUs (it computes ``rank % cuda.device_count()``); the rank, world size and
@@ -15,13 +16,12 @@ GPUs with NCCL.
 
 ``RELA_TOOL_PREFIX`` names a command the pipeline puts before each of these tools (torchrun included): ``nice -n 10``,
 ``numactl --cpunodebind=0 --membind=0``, ... (the test suite forks the tools from a server this way,
-tests/tool_client.py).
+tests/support/tool_client.py).
 """
 
 import importlib
 import logging
 import os
-import runpy
 import shlex
 import sys
 
@@ -71,14 +71,18 @@ def distributed_args(env=os.environ, cuda=None):
 
 def main():
     if sys.path and os.path.abspath(sys.path[0] or os.curdir) == HERE:
-        sys.path.pop(0)  # run as a script: this folder's modules (config, train, ...) must not shadow others
+        # run as a script: this folder's modules (config, train, ...) must not shadow others; the folder that holds
+        # rela_tools takes its place, as for python -m
+        sys.path[0] = os.path.dirname(os.path.dirname(HERE))
     if len(sys.argv) < 2 or sys.argv[1] not in TOOLS:
         sys.exit(f"usage: {os.path.basename(__file__)} {{{','.join(TOOLS)}}} ARGS...")
     tool, args = sys.argv[1], sys.argv[2:]
     # what fairseq_cli/train.py does before it imports fairseq
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
                         level=os.environ.get("LOGLEVEL", "INFO").upper(), stream=sys.stdout)
-    runpy.run_path(os.path.join(os.path.dirname(HERE), "quiet.py"))["quiet_known_warnings"]()
+    from rela_tools.quiet import quiet_known_warnings
+
+    quiet_known_warnings()
     if tool.endswith("-torchrun"):
         args += distributed_args()
     sys.argv = [tool.replace("-torchrun", ""), *args]

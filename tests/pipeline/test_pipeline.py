@@ -14,29 +14,7 @@ import time
 import pytest
 import tool_server
 from archive_server import real_config, serve_config, write_local_configs
-from helpers import REPO, imported_modules
-
-SCRIPTS = os.path.join(REPO, "scripts")
-
-
-def script_env(tmp, **extra):
-    env = dict(os.environ, RELA_PYTHON=sys.executable, DATA_ROOT=str(tmp / "data"),
-               CHECKPOINT_ROOT=str(tmp / "checkpoints"), RESULTS_ROOT=str(tmp / "results"), PYTHONUNBUFFERED="1")
-    env.pop("RELA_DOWNLOAD_MIRROR", None)
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def script_command(name, *args):
-    return ["bash", os.path.join(SCRIPTS, name), *map(str, args)]
-
-
-def run_script(name, *args, env, check=True, timeout=900):
-    proc = subprocess.run(script_command(name, *args), capture_output=True, text=True, env=env, timeout=timeout)
-    if check and proc.returncode != 0:
-        pytest.fail(f"{name} {' '.join(map(str, args))} exited with {proc.returncode}\n{proc.stderr[-4000:]}")
-    return proc
-
+from helpers import REPO, SCRIPTS, imported_modules, run_script, script_command, script_env
 
 # --------------------------------------------------------------------------- the toy task end to end
 
@@ -68,7 +46,7 @@ def test_main_job_report_on_quick_toy(quick_root):
     run_script("reproduce.sh", "toy", "softmax", env=env)
     if not (quick_root / "results" / "toy-quick" / "rela_g.json").exists():
         run_script("reproduce.sh", "toy", "rela_g", env=env)
-    proc = subprocess.run([sys.executable, "-m", "rela_fairseq.pipeline", "toy-report"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "rela_tools.pipeline", "toy-report"], capture_output=True,
                           text=True, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -144,7 +122,7 @@ def saved_name(path):
 
 @pytest.mark.one_python
 def test_a_truncated_copy_is_completed_from_the_save_it_was_copied_from(tmp_path):
-    from rela_fairseq.pipeline.train import is_truncated, repair_interrupted_copies
+    from rela_tools.pipeline.train import is_truncated, repair_interrupted_copies
 
     # epoch 1's checkpoints are complete; the kill came while fairseq copied checkpoint_1_20.pt to checkpoint_last.pt;
     # checkpoint_avg2.pt (evaluate's average, written later) and checkpoint_2_30.pt (written after) are no sources
@@ -180,8 +158,8 @@ def test_a_truncated_copy_is_completed_from_the_save_it_was_copied_from(tmp_path
 
 @pytest.mark.one_python
 def test_a_truncated_copy_that_cannot_be_completed_is_an_error_and_loses_nothing(tmp_path, monkeypatch):
-    from rela_fairseq.errors import RelaFairseqError
-    from rela_fairseq.pipeline.train import repair_interrupted_copies
+    from rela_tools.errors import RelaFairseqError
+    from rela_tools.pipeline.train import repair_interrupted_copies
 
     save_checkpoints(tmp_path, ["checkpoint_last.pt", "checkpoint_1_20.pt"], truncated={"checkpoint_last.pt"})
     (tmp_path / "empty").mkdir()
@@ -228,7 +206,7 @@ def test_evaluate_averages_the_interval_saves_as_the_authors_toolkit(tmp_path, c
     epochs shorter than the interval the newest states of any kind would span a fraction of that window."""
     import torch
 
-    from rela_fairseq.pipeline.evaluate import checkpoints_to_average
+    from rela_tools.pipeline.evaluate import checkpoints_to_average
 
     # saves every 100 updates (3 kept), epochs of 70 updates (checkpoint6.pt ends epoch 6 at 420 updates), and an
     # epoch that ends exactly at 600 updates, where fairseq writes the epoch checkpoint only
@@ -301,16 +279,16 @@ def test_every_script_has_help(tmp_path):
 
 
 def test_the_pipeline_driver_imports_neither_fairseq_nor_torch_to_dispatch(tmp_path):
-    """The scripts' driver (python -m rela_fairseq.pipeline) runs fairseq's tools as processes of their own: a
+    """The scripts' driver (python -m rela_tools.pipeline) runs fairseq's tools as processes of their own: a
     mistyped task or --help must not wait for fairseq's imports (about 6 s); the plugin registers as usual elsewhere."""
-    driver = [sys.executable, "-X", "importtime", "-m", "rela_fairseq.pipeline"]
-    for args, code, says in ((["--help"], 0, "usage: python -m rela_fairseq.pipeline"),
+    driver = [sys.executable, "-X", "importtime", "-m", "rela_tools.pipeline"]
+    for args, code, says in ((["--help"], 0, "usage: python -m rela_tools.pipeline"),
                              (["prepare", "wmt15_xx_yy"], 1, "unknown task 'wmt15_xx_yy'"),
                              (["results", "--output", str(tmp_path / "results.md")], 1, "no results yet")):
         proc = subprocess.run([*driver, *args], capture_output=True, text=True, env=script_env(tmp_path), cwd=REPO)
         assert proc.returncode == code and says in proc.stdout + proc.stderr, (args, proc.stderr[-2000:])
         imported = imported_modules(proc.stderr)
-        assert "rela_fairseq.pipeline" in imported and not {"fairseq", "torch"} & imported, args
+        assert "rela_tools.pipeline" in imported and not {"fairseq", "torch"} & imported, args
     plugin = subprocess.run([sys.executable, "-c", "import rela_fairseq, fairseq.models as m; "
                              "print('transformer_rela' in m.ARCH_MODEL_REGISTRY)"], capture_output=True, text=True)
     assert plugin.stdout.strip() == "True", plugin.stderr[-2000:]
@@ -322,7 +300,7 @@ def test_scripts_help_works_before_the_environment_exists(tmp_path):
     import shutil
 
     clone = tmp_path / "clone"
-    for folder in ("scripts", "rela_fairseq", "configs"):
+    for folder in ("scripts", "rela_fairseq", "rela_tools", "configs"):
         shutil.copytree(os.path.join(REPO, folder), clone / folder,
                         ignore=shutil.ignore_patterns("__pycache__"))
     python = shutil.which("python3", path=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
@@ -373,9 +351,9 @@ def test_prepare_wmt_task_from_a_local_server(server, tmp_path):
 def test_other_wmt_layouts_download_and_extract_from_a_local_server(server, tmp_path, monkeypatch, task):
     """Ro-En (the WMT16 Europarl v8 archive, the SETimes2 zip), En-Fi (' ||| ' Wiki Headlines columns) and IWSLT14
     (train.tags, XML) extract with the member paths of the real configs (download and extract, in process)."""
-    from rela_fairseq.pipeline.config import load_task
-    from rela_fairseq.pipeline.download import fetch
-    from rela_fairseq.pipeline.prepare import _extract
+    from rela_tools.pipeline.config import load_task
+    from rela_tools.pipeline.download import fetch
+    from rela_tools.pipeline.prepare import _extract
 
     config_dir = tmp_path / "configs"
     config, _ = local_config(task, server, config_dir, server.folder)
@@ -432,7 +410,7 @@ def test_interrupted_download_resumes_where_it_stopped(server, tmp_path):
 
 @pytest.mark.one_python
 def test_mirror_folder_replaces_the_addresses(tmp_path):
-    from rela_fairseq.pipeline.download import resolve_url
+    from rela_tools.pipeline.download import resolve_url
 
     config_dir, mirror = tmp_path / "configs", tmp_path / "mirror"
     mirror.mkdir()

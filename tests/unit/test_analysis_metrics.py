@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rela_fairseq.analyze.align import (
+from rela_tools.analyze.align import (
     AlignmentCollector,
     SubwordTextError,
     detect_segmentation,
@@ -14,8 +14,8 @@ from rela_fairseq.analyze.align import (
     to_words,
     word_index,
 )
-from rela_fairseq.analyze.forced import ForcedBatch, module_attention_type
-from rela_fairseq.analyze.metrics import AttentionStats, js_per_query, valid_pairs
+from rela_tools.analyze.forced import ForcedBatch, module_attention_type
+from rela_tools.analyze.metrics import AttentionStats, js_per_query, valid_pairs
 
 
 def summary_for(weights, pairs, kind="cross"):

@@ -9,7 +9,7 @@ made-up SOV language that makes a translation model learn what real pairs need:
   *possible* link to their noun, the usual convention for function words).
 
 Gold alignments are written in the standard format (``i-j`` sure, ``ipj`` possible, source index first, 1-based), so
-AER on this task is exact. ``python -m rela_fairseq.toy OUT_DIR`` writes ``{train,valid,test}.{src,tgt,align}``.
+AER on this task is exact. ``python -m rela_tools.toy OUT_DIR`` writes ``{train,valid,test}.{src,tgt,align}``.
 """
 
 import argparse
@@ -168,7 +168,7 @@ def write_task(out_dir, sizes=None, seed=1, src="src", tgt="tgt"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m rela_fairseq.toy", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rela_tools.toy", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=1)
     for split, size in SPLITS.items():

@@ -8,7 +8,7 @@ import sys
 import pytest
 from helpers import BIN_DIR, REPO, imported_modules, run_cli
 
-from rela_fairseq.analyze.aer import AlignmentFileError, format_score, score, score_files
+from rela_tools.analyze.aer import AlignmentFileError, format_score, score, score_files
 
 FIXTURE = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "alignment", "enfr")
 EXPECTED = re.compile(r"^(\S+): ([\d.]+)% \(([\d.]+)%/([\d.]+)%/(\d+)\)$")
@@ -83,7 +83,7 @@ def test_the_scorer_and_the_plots_of_saved_statistics_import_neither_fairseq_nor
     for args in (["aer", gold, hyp, "--gold-index-base", 1], ["plot", "stats", "--help"]):
         proc = run_cli(sys.executable, "-X", "importtime", os.path.join(BIN_DIR, "rela-analyze"), *args)
         imported = imported_modules(proc.stderr)
-        assert "rela_fairseq.analyze.cli" in imported and not {"fairseq", "torch"} & imported, args
+        assert "rela_tools.analyze.cli" in imported and not {"fairseq", "torch"} & imported, args
     assert proc.stdout.startswith("usage: rela-analyze plot stats")
 
 

@@ -14,7 +14,7 @@ import pytest
 import tool_server
 from tool_client import SOCKET_VAR
 
-from rela_fairseq.pipeline import fairseq_tool
+from rela_tools.pipeline import fairseq_tool
 
 CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tool_client.py")
 SCRIPT = textwrap.dedent("""

@@ -1,4 +1,4 @@
-"""The reproduction pipeline: ``python -m rela_fairseq.pipeline COMMAND ...``.
+"""The reproduction pipeline: ``python -m rela_tools.pipeline COMMAND ...``.
 
 scripts/prepare.sh, train.sh, evaluate.sh, reproduce.sh, results.sh, compare.sh and tune.sh call this; see their
 --help.
@@ -37,7 +37,7 @@ def _tasks_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m rela_fairseq.pipeline", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m rela_tools.pipeline", description=__doc__.split("\n\n")[0],
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     tasks, systems = _tasks_help(), ", ".join(SYSTEMS)

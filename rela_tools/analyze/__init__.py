@@ -2,12 +2,12 @@
 
 Library use::
 
-    from rela_fairseq.analyze import AlignmentSettings, analyse, load_model
+    from rela_tools.analyze import AlignmentSettings, analyse, load_model
     model, task = load_model("checkpoints/checkpoint_best.pt", "data-bin")
     result = analyse(model, task, "test", AlignmentSettings(gold="test.align"))   # one teacher-forced pass
     result.attention["types"]["cross"]["overall"]["sparsity"], result.alignment["best"]
 
-Command line: ``rela-analyze {attention,align,aer,plot}`` (``python -m rela_fairseq.analyze``).
+Command line: ``rela-analyze {attention,align,aer,plot}`` (``python -m rela_tools.analyze``).
 """
 
 import importlib

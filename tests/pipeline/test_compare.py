@@ -9,8 +9,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import REPO
-from test_pipeline import run_script, script_env
+from helpers import REPO, run_script, script_env
 
 MIRROR = os.path.join(os.path.dirname(REPO), "shared", "data", "multi30k")
 
@@ -142,14 +141,14 @@ def test_compare_again_trains_nothing(compared):
     ["compare", "--seeds", "2", "multi30k_de_en", "softmax", "rela_g"],
 ])
 def test_compare_takes_its_options_anywhere(argv):
-    from rela_fairseq.pipeline.__main__ import parse_args
+    from rela_tools.pipeline.__main__ import parse_args
 
     args = parse_args(argv)
     assert (args.task, args.systems, args.seeds) == ("multi30k_de_en", ["softmax", "rela_g"], 2)
 
 
 def test_compare_still_rejects_an_unknown_option(capsys):
-    from rela_fairseq.pipeline.__main__ import parse_args
+    from rela_tools.pipeline.__main__ import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["compare", "multi30k_de_en", "--beam", "2", "softmax"])
@@ -166,15 +165,15 @@ def test_compare_still_rejects_an_unknown_option(capsys):
 def test_the_pipelines_own_options_are_taken_from_among_the_extra_fairseq_options(argv, seed, mirror, extra):
     """After SYSTEM, argparse gives everything to fairseq-train: there --seed 3 trained seed 3 into SYSTEM/ (or, once
     seed 1 finished there, resumed it and trained nothing) and --mirror failed."""
-    from rela_fairseq.pipeline.__main__ import fairseq_extra_args, parse_args
+    from rela_tools.pipeline.__main__ import fairseq_extra_args, parse_args
 
     args = parse_args(argv)
     assert (args.seed, getattr(args, "mirror", None), fairseq_extra_args(args.fairseq_args)) == (seed, mirror, extra)
 
 
 def test_compare_refuses_a_system_given_twice():
-    from rela_fairseq.errors import RelaFairseqError
-    from rela_fairseq.pipeline.__main__ import main
+    from rela_tools.errors import RelaFairseqError
+    from rela_tools.pipeline.__main__ import main
 
     with pytest.raises(RelaFairseqError, match="softmax is given twice"):
         main(["compare", "toy", "softmax", "rela_g", "softmax"])

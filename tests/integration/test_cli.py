@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_SIZES, train, train_args
 from helpers import USER_DIR, finish_cli, parse_generate_output, run_cli, start_cli
 
-from rela_fairseq.systems import SYSTEMS
+from rela_tools.systems import SYSTEMS
 
 
 def generate_args(data, checkpoint, *extra):
@@ -135,7 +135,7 @@ def test_crafted_checkpoint_is_refused_and_its_code_does_not_run(toy_bin, tmp_pa
 
 
 def test_forked_tools_behave_like_new_interpreters(trained, toy_raw, toy_bin, tmp_path, monkeypatch):
-    """The suite runs the console scripts forked from tests/tool_server.py, which imported fairseq once: a call gives
+    """The suite runs the console scripts forked from the tool server, which imported fairseq once: a call gives
     the same output on the same streams, and the same exit code, as the same call in a new interpreter (logging as
     fairseq's own modules set it up, before or after importing fairseq; the plugin's one-line errors)."""
     checkpoint = trained("rela_g") / "checkpoint_last.pt"

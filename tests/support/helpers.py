@@ -11,7 +11,7 @@ import torch
 import yaml
 from tool_server import STARTUP_ENV, ForkedTool, is_console_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/support/..
 USER_DIR = os.path.join(REPO, "rela_fairseq")
 BIN_DIR = os.path.dirname(sys.executable)
 
@@ -151,3 +151,47 @@ def pipeline_folders(tmp_path, monkeypatch):
                         ("CHECKPOINT_ROOT", tmp_path / "checkpoints"), ("RESULTS_ROOT", tmp_path / "results")):
         monkeypatch.setenv(name, str(value))
     return configs
+
+
+# attention modules for the unit tests of the math and of the kernels
+EMBED, HEADS = 16, 4
+
+
+def make_attention(fn="rela", embed_dim=EMBED, heads=HEADS, seed=0, dtype=torch.float32, kv_dim=None,
+                   entmax_bisect_iters=25, **fn_options):
+    from rela_fairseq.attention import RelaMultiheadAttention
+
+    torch.manual_seed(seed)
+    attn_fn = attention_function(fn, embed_dim, heads, entmax_bisect_iters=entmax_bisect_iters, **fn_options)
+    if kv_dim is None:
+        module = RelaMultiheadAttention(embed_dim, heads, attn_fn=attn_fn, self_attention=True)
+    else:
+        module = RelaMultiheadAttention(embed_dim, heads, attn_fn=attn_fn, kdim=kv_dim, vdim=kv_dim,
+                                        encoder_decoder_attention=True)
+    with torch.no_grad():  # make the extra parameters non-trivial
+        for p in module.attn_fn.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return module.to(dtype).eval()
+
+
+# the reproduction scripts, as users run them
+SCRIPTS = os.path.join(REPO, "scripts")
+
+
+def script_env(tmp, **extra):
+    env = dict(os.environ, RELA_PYTHON=sys.executable, DATA_ROOT=str(tmp / "data"),
+               CHECKPOINT_ROOT=str(tmp / "checkpoints"), RESULTS_ROOT=str(tmp / "results"), PYTHONUNBUFFERED="1")
+    env.pop("RELA_DOWNLOAD_MIRROR", None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def script_command(name, *args):
+    return ["bash", os.path.join(SCRIPTS, name), *map(str, args)]
+
+
+def run_script(name, *args, env, check=True, timeout=900):
+    proc = subprocess.run(script_command(name, *args), capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{name} {' '.join(map(str, args))} exited with {proc.returncode}\n{proc.stderr[-4000:]}")
+    return proc

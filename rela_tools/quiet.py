@@ -3,7 +3,7 @@
 Each entry names the warning's category, the start of its message and the module it is attributed to, so nothing else
 is touched: a user's own warnings, other warnings of the same libraries, and every error still show. The pipeline's
 scripts and ``rela-analyze`` install the filters in their own process and run fairseq's tools through
-``rela_fairseq/pipeline/fairseq_tool.py``, which installs them too; ``fairseq-train`` run by hand is left as fairseq
+``rela_tools/pipeline/fairseq_tool.py``, which installs them too; ``fairseq-train`` run by hand is left as fairseq
 made it. Standard library only: fairseq_tool.py loads this file before fairseq is imported.
 """
 

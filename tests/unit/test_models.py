@@ -8,8 +8,8 @@ from helpers import ATTN_FNS, FakeTask, build_model, left_padded_batch
 
 from rela_fairseq import compat
 from rela_fairseq.attention import RelaMultiheadAttention, set_store_attn
-from rela_fairseq.errors import AttentionSettingsError
 from rela_fairseq.layers import RelaEncoderLayer
+from rela_tools.errors import AttentionSettingsError
 
 TASK = FakeTask(vocab_size=30)
 

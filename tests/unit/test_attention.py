@@ -5,28 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ATTN_FNS, attention_function
+from helpers import ATTN_FNS, EMBED, HEADS, attention_function, make_attention
 
-from rela_fairseq.attention import RelaMultiheadAttention
 from rela_fairseq.attention_functions import EntmaxAlpha
 from rela_fairseq.rela import EPS, rela_attention
-
-EMBED, HEADS = 16, 4
-
-
-def make_attention(fn="rela", embed_dim=EMBED, heads=HEADS, seed=0, dtype=torch.float32, kv_dim=None,
-                   entmax_bisect_iters=25, **fn_options):
-    torch.manual_seed(seed)
-    attn_fn = attention_function(fn, embed_dim, heads, entmax_bisect_iters=entmax_bisect_iters, **fn_options)
-    if kv_dim is None:
-        module = RelaMultiheadAttention(embed_dim, heads, attn_fn=attn_fn, self_attention=True)
-    else:
-        module = RelaMultiheadAttention(embed_dim, heads, attn_fn=attn_fn, kdim=kv_dim, vdim=kv_dim,
-                                        encoder_decoder_attention=True)
-    with torch.no_grad():  # make the extra parameters non-trivial
-        for p in module.attn_fn.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return module.to(dtype).eval()
 
 
 def padding_mask(lengths, width):

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-from test_kernels import TOL, check_decoding_step, check_models_fused_equal_eager, eager_core, time_major  # noqa: E402
+from kernel_checks import TOL, check_decoding_step, check_models_fused_equal_eager, eager_core, time_major  # noqa: E402
 
 from rela_fairseq import kernels  # noqa: E402
 from rela_fairseq.kernels.rela_triton import TritonKernels  # noqa: E402

@@ -73,7 +73,7 @@ def build_archive(url, path, n=60):
 def serve_config(config, server, folder, n=60):
     """Point every download of ``config`` (a loaded task YAML) at ``server``, serving an archive built from the
     manifest under the file name prepare saves it as; checksums become the built archives'. Returns {name: path}."""
-    from rela_fairseq.pipeline.download import local_name
+    from rela_tools.pipeline.download import local_name
 
     files = {}
     for name, entry in config["data"]["downloads"].items():
@@ -90,7 +90,7 @@ def serve_config(config, server, folder, n=60):
 
 def write_local_configs(task, config, config_dir):
     """``config`` as ``task``'s file in ``config_dir``, beside a copy of the real _defaults.yaml."""
-    from rela_fairseq.pipeline.config import config_dir as real_dir
+    from rela_tools.pipeline.config import config_dir as real_dir
 
     os.makedirs(config_dir, exist_ok=True)
     shutil.copy(os.path.join(real_dir(), "_defaults.yaml"), config_dir)
@@ -99,7 +99,7 @@ def write_local_configs(task, config, config_dir):
 
 
 def real_config(task):
-    from rela_fairseq.pipeline.config import config_dir as real_dir
+    from rela_tools.pipeline.config import config_dir as real_dir
 
     with open(os.path.join(real_dir(), f"{task}.yaml")) as f:
         return yaml.safe_load(f)

@@ -197,7 +197,6 @@ def _run_tool(request, stdio, close_fds, fairseq_import):
     if request["cwd"] is not None:
         os.chdir(request["cwd"])
     sys.argv = [request["script"], *request["args"]]
-    sys.orig_argv = [sys.executable, *sys.argv]
     sys.path.insert(0, os.path.dirname(request["script"]))  # as for any script: its folder first
     try:
         runpy.run_path(request["script"], run_name="__main__")
@@ -235,7 +234,7 @@ def forkable(argv, env):
 
 def serve(request_fd, answer_fd, socket_path):
     """Calls come from the test session (one JSON line each on ``request_fd``, standard streams as files) and from
-    tests/tool_client.py (one message each on a connection to ``socket_path``, standard streams passed along)."""
+    tool_client.py (one message each on a connection to ``socket_path``, standard streams passed along)."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(socket_path)
     listener.listen(64)  # clients wait here while the modules below are imported
@@ -404,8 +403,8 @@ class ForkedTool:
             self.done.wait(10)
             raise subprocess.TimeoutExpired(self.paths["stdout"], timeout)
         if self.server_died:
-            raise RuntimeError("the tool server (tests/tool_server.py) died; RELA_TESTS_NEW_INTERPRETERS=1 runs "
-                               "every tool as a new interpreter")
+            raise RuntimeError("the tool server (tests/support/tool_server.py) died; RELA_TESTS_NEW_INTERPRETERS=1 "
+                               "runs every tool as a new interpreter")
         with open(self.paths["stdout"]) as out, open(self.paths["stderr"]) as err:
             result = out.read(), err.read()
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -413,5 +412,5 @@ class ForkedTool:
 
 
 if __name__ == "__main__":
-    sys.path.pop(0)  # this folder (tests/) must not shadow anything the tools import
+    sys.path.pop(0)  # this folder (tests/support) must not shadow anything the tools import
     serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

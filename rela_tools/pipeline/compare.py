@@ -126,7 +126,7 @@ class _Stages:
 
     def __init__(self, total: int, name: str = "compare"):
         self.total, self.n, self.name = total, 0, name
-        self.logger = logging.getLogger(f"rela_fairseq.pipeline.{name}")
+        self.logger = logging.getLogger(f"rela_tools.pipeline.{name}")
 
     def __call__(self, what: str) -> None:
         self.n = min(self.n + 1, self.total)

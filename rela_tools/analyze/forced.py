@@ -10,7 +10,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from ..attention import RelaMultiheadAttention, set_store_attn
+from rela_fairseq.attention import RelaMultiheadAttention, set_store_attn
+
 from ..attention_types import ATTENTION_TYPES
 from ..errors import RelaFairseqError
 from .metrics import valid_pairs
@@ -39,7 +40,7 @@ def load_model(path: str, data: str, subset: str = "test", overrides: Optional[d
     from fairseq import checkpoint_utils
     from fairseq.models import ARCH_MODEL_NAME_REGISTRY
 
-    from .. import plug_into_fairseq
+    from rela_fairseq import plug_into_fairseq
 
     plug_into_fairseq()  # the scripts' driver and rela-analyze import the package without it (rela_fairseq/__init__.py)
     if not os.path.isfile(path):

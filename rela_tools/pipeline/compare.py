@@ -36,10 +36,11 @@ from ..systems import LABELS
 from .commands import training_seconds
 from .config import Setting, Task
 from .curves import learning_curve
-from .evaluate import references
+from .evaluate import evaluate_if_needed, references
 from .prepare import prepare
-from .records import evaluate_if_needed, finished_updates, train_if_needed
+from .records import ResultRecord, finished_updates, newer, reusable_result
 from .significance import compare_to_reference, mark
+from .train import train_if_needed
 
 logger = logging.getLogger(__name__)
 REFERENCE = "softmax"
@@ -135,7 +136,7 @@ class _Stages:
 
 # --------------------------------------------------------------------------- runs
 
-def _run_entry(task: Task, system: str, seed: int, setting: Setting, result: dict) -> dict:
+def _run_entry(task: Task, system: str, seed: int, setting: Setting, result: ResultRecord) -> dict:
     checkpoint_dir = task.checkpoint_dir(system, seed, setting)
     log_path = os.path.join(checkpoint_dir, "train.log")
     seconds = None
@@ -167,12 +168,11 @@ def _further_finished_seeds(task: Task, system: str, seed_list: list[int], setti
         if not name.startswith(prefix) or not name[len(prefix):].isdigit():
             continue
         seed = int(name[len(prefix):])
-        path = task.result_path(system, seed, setting)
-        if seed in seed_list or finished_updates(task, system, seed, setting) is None or not os.path.exists(path):
+        if seed in seed_list or finished_updates(task, system, seed, setting) is None:
             continue
-        result = read_json(path)
-        if result.get("evaluate_settings") != setting.evaluate:
-            continue  # scored under other evaluate settings: compare --seeds evaluates it again
+        result = reusable_result(task, system, seed, setting)
+        if result is None:
+            continue  # not scored, or under other evaluate settings: compare --seeds evaluates it again
         entries.append(_run_entry(task, system, seed, setting, result))
     return entries
 
@@ -185,7 +185,7 @@ def _analyse_if_needed(task: Task, system: str, out_dir: str) -> dict:
 
     path = os.path.join(out_dir, f"{system}.attention.json")
     result_path = task.result_path(system)
-    if os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(result_path):
+    if newer(path, result_path):
         logger.info(f"{system}: attention analysed already, reusing {path}")
         return read_json(path)
     checkpoint = os.path.join(task.checkpoint_dir(system), read_json(result_path)["checkpoint"])

@@ -481,20 +481,6 @@ def data_files_digest(task: Task) -> str | None:
     return digest.hexdigest()
 
 
-def data_record(task: Task) -> dict:
-    """What run.json records of the data a run was trained on."""
-    return {"data": data_fingerprint(task), "data_files": data_files_digest(task)}
-
-
-def data_changed(task: Task, record: dict, current: dict | None = None) -> bool:
-    """Whether the task's data (``current``, its ``data_record`` if already computed) differs from what ``record``
-    (run.json) was trained on. Records written before ``data_files`` existed are judged by the fingerprint alone."""
-    current = current or data_record(task)
-    if record.get("data") != current["data"]:
-        return True
-    return record.get("data_files") is not None and record["data_files"] != current["data_files"]
-
-
 def item_download(item: dict, side: str) -> str | None:
     """The download one side of a config item reads: ``<side>_download``, else ``download``."""
     return item.get(f"{side}_download") or item.get("download")

@@ -17,9 +17,16 @@ from ..errors import RelaFairseqError
 from ..files import read_json, read_lines, write_json, write_lines
 from ..systems import LABELS
 from .commands import generate_command, generation_speed, length_limits, run_fairseq
-from .config import Setting, Task, format_value
+from .config import Setting, Task
+from .records import (
+    RUN_RECORD,
+    ResultRecord,
+    check_data_unchanged,
+    repair_interrupted_copies,
+    result_path,
+    reusable_result,
+)
 from .runtime import hardware
-from .train import check_data_unchanged, repair_interrupted_copies
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +123,7 @@ def averaged_checkpoint(task: Task, system: str, seed: int | None, setting: Sett
     if not os.path.isdir(checkpoint_dir):
         raise RelaFairseqError(f"no checkpoints for {task.name}/{run} in {checkpoint_dir}: run "
                                f"scripts/train.sh {task.name} {system} first")
-    run_record = os.path.join(checkpoint_dir, "run.json")
+    run_record = os.path.join(checkpoint_dir, RUN_RECORD)
     if os.path.exists(run_record):  # decoding with other dictionaries would score nonsense, or fail only by luck
         check_data_unchanged(task, checkpoint_dir, read_json(run_record),
                              "prepare the data as it was to evaluate them, or train again")
@@ -146,7 +153,7 @@ def translate_and_score(task: Task, checkpoint: str, settings: dict, split: str 
 
 
 def evaluate(task: Task, system: str, seed: int | None = None, setting: Setting | None = None,
-             split: str = "test") -> dict:
+             split: str = "test") -> ResultRecord:
     """Score one run at ``setting`` (default: the system's own) on ``split``: the test set (the run's result JSON,
     hypotheses and fairseq-generate log in RESULTS_ROOT/<task>/) or the validation set (tune.sh's, in
     RESULTS_ROOT/<task>/tune/valid/, one per evaluate setting)."""
@@ -165,7 +172,7 @@ def evaluate(task: Task, system: str, seed: int | None = None, setting: Setting 
     write_lines(stem + ".hyp", hyps)
     write_lines(stem + ".generate.log", translated["generate_log"].splitlines())
     test = task["data"].get("sacrebleu") or {}
-    result = {
+    result: ResultRecord = {
         "task": task.name,
         "system": system,
         "label": LABELS[system],
@@ -199,11 +206,13 @@ def evaluate(task: Task, system: str, seed: int | None = None, setting: Setting 
     return result
 
 
-def result_path(task: Task, system: str, seed: int | None, setting: Setting, split: str = "test") -> str:
-    """Where ``evaluate`` writes a run's result: the test set's beside the others (Task.result_path), the validation
-    set's under tune/valid/, named after the run and the evaluate settings that differ from the shared ones."""
-    if split == "test":
-        return task.result_path(system, seed, setting)
-    decoding = ",".join(f"{key}={format_value(value)}" for key, value in sorted(setting.overrides["evaluate"].items()))
-    name = task.run_name(system, seed, setting) + (f"@{decoding}" if decoding else "")
-    return os.path.join(task.tune_dir, "valid", f"{name}.json")
+def evaluate_if_needed(task: Task, system: str, seed: int, setting: Setting, force: bool = False,
+                       split: str = "test") -> ResultRecord:
+    """The run's result on ``split``: the stored one where ``records.reusable_result`` allows (``force``: the run was
+    just trained), else a new one."""
+    previous = reusable_result(task, system, seed, setting, split, force)
+    if previous is not None:
+        logger.info(f"{task.run_name(system, seed, setting)}: evaluated already on {split}, reusing "
+                    f"{result_path(task, system, seed, setting, split)}")
+        return previous
+    return evaluate(task, system, seed=seed, setting=setting, split=split)

@@ -26,6 +26,7 @@ from .config import Task, item_download
 from .corpora import NORMALISATION_VERSION, CorpusError, extract_members, normalise, read_parallel
 from .download import fetch, local_name
 from .fairseq_tool import command as fairseq_command
+from .records import describe_changes
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
@@ -84,19 +85,6 @@ class Steps:
         except (ValueError, OSError):
             recorded = None
         return recorded if isinstance(recorded, dict) else {"settings": None}  # an older marker: no record
-
-
-def describe_changes(old: Any, new: Any, where: str = "") -> str:
-    """``vocab_size: 8000 -> 10000, model_type: bpe -> unigram``: the settings that differ, by dotted key."""
-    if old is None:
-        return "no record of the earlier settings"
-    if isinstance(old, dict) and isinstance(new, dict):
-        parts = [describe_changes(old.get(k), new.get(k), f"{where}.{k}" if where else str(k))
-                 if k in old and k in new else f"{f'{where}.{k}' if where else k}: "
-                 + (f"{old[k]!r} -> (removed)" if k in old else f"(new) {new[k]!r}")
-                 for k in sorted(set(old) | set(new), key=str) if old.get(k, ...) != new.get(k, ...)]
-        return ", ".join(p for p in parts if p)
-    return f"{where or 'value'}: {old!r} -> {new!r}" if old != new else ""
 
 
 def prepare(task: Task, mirror: str | None = None, workers: int | None = None) -> str:

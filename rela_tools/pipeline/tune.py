@@ -26,10 +26,12 @@ from ..errors import RelaConfigError
 from ..files import write_json
 from ..systems import LABELS
 from .compare import _fmt_mean_sd, _mean_sd
-from .config import TUNED_FILE, Setting, Task, data_record, format_value
+from .config import TUNED_FILE, Setting, Task, format_value
 from .curves import run_valid_losses
+from .evaluate import evaluate_if_needed
 from .prepare import prepare
-from .records import evaluate_if_needed, train_if_needed
+from .records import data_record, newer
+from .train import train_if_needed
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +150,7 @@ def heads_off_if_needed(task: Task, system: str, seed: int, setting: Setting, fo
 
     path = os.path.join(task.tune_dir, "attention", f"{task.run_name(system, seed, setting)}.json")
     last = os.path.join(task.checkpoint_dir(system, seed, setting), "checkpoint_last.pt")
-    if not force and os.path.exists(path) and os.path.getmtime(path) > os.path.getmtime(last):
+    if not force and newer(path, last):
         return read_json(path)["heads_off"]
     checkpoint, _ = averaged_checkpoint(task, system, seed, setting)
     model, fairseq_task = load_model(checkpoint, task.bin_dir, "valid")

@@ -153,7 +153,7 @@ class Run:
 
 def kill_campaign(root, env: dict) -> list[str]:
     """Start reproduce.sh again after each kill of KILLS, then once to the end; the outputs of all runs."""
-    from rela_tools.pipeline.train import is_truncated
+    from rela_tools.pipeline.records import is_truncated
 
     moments = random.Random(MOMENTS_SEED)
     outputs = []
@@ -300,7 +300,8 @@ def save_states(folder, updates_by_name: dict) -> None:
 
 @pytest.mark.one_python
 def test_a_finished_run_is_not_trained_again_and_its_cut_removals_are_completed(tmp_path):
-    from rela_tools.pipeline.train import fairseq_option, training_complete
+    from rela_tools.pipeline.commands import fairseq_option
+    from rela_tools.pipeline.records import training_complete
 
     args = ["DATA", "--max-update", "30", "--keep-last-epochs", "2", "--keep-interval-updates", "2",
             "--max-update=40"]

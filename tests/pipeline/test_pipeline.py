@@ -122,7 +122,7 @@ def saved_name(path):
 
 @pytest.mark.one_python
 def test_a_truncated_copy_is_completed_from_the_save_it_was_copied_from(tmp_path):
-    from rela_tools.pipeline.train import is_truncated, repair_interrupted_copies
+    from rela_tools.pipeline.records import is_truncated, repair_interrupted_copies
 
     # epoch 1's checkpoints are complete; the kill came while fairseq copied checkpoint_1_20.pt to checkpoint_last.pt;
     # checkpoint_avg2.pt (evaluate's average, written later) and checkpoint_2_30.pt (written after) are no sources
@@ -159,7 +159,7 @@ def test_a_truncated_copy_is_completed_from_the_save_it_was_copied_from(tmp_path
 @pytest.mark.one_python
 def test_a_truncated_copy_that_cannot_be_completed_is_an_error_and_loses_nothing(tmp_path, monkeypatch):
     from rela_tools.errors import RelaFairseqError
-    from rela_tools.pipeline.train import repair_interrupted_copies
+    from rela_tools.pipeline.records import repair_interrupted_copies
 
     save_checkpoints(tmp_path, ["checkpoint_last.pt", "checkpoint_1_20.pt"], truncated={"checkpoint_last.pt"})
     (tmp_path / "empty").mkdir()

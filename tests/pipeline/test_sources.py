@@ -273,7 +273,7 @@ def test_checkpoints_of_another_vocabulary_from_the_same_settings_are_refused(tm
 def test_compare_reuses_a_result_only_under_the_same_evaluate_settings(tmp_path, monkeypatch, caplog):
     import json
 
-    from rela_tools.pipeline import records
+    from rela_tools.pipeline import evaluate as evaluate_module
 
     pipeline_folders(tmp_path, monkeypatch)
     task = load_task("toy", quick=True)
@@ -289,18 +289,18 @@ def test_compare_reuses_a_result_only_under_the_same_evaluate_settings(tmp_path,
             json.dump(result, f)
         return result
 
-    monkeypatch.setattr(records, "evaluate", fake_evaluate)
-    records.evaluate_if_needed(task, "softmax", 1, task.setting("softmax"))
-    records.evaluate_if_needed(task, "softmax", 1, task.setting("softmax"))
+    monkeypatch.setattr(evaluate_module, "evaluate", fake_evaluate)
+    evaluate_module.evaluate_if_needed(task, "softmax", 1, task.setting("softmax"))
+    evaluate_module.evaluate_if_needed(task, "softmax", 1, task.setting("softmax"))
     assert len(evaluations) == 1  # reused
     beam, task["evaluate"]["beam"] = task["evaluate"]["beam"], 5
     with caplog.at_level("INFO"):
-        records.evaluate_if_needed(task, "softmax", 1, task.setting("softmax"))
+        evaluate_module.evaluate_if_needed(task, "softmax", 1, task.setting("softmax"))
     assert len(evaluations) == 2 and evaluations[-1]["beam"] == 5
     assert f"evaluating again, the evaluate settings changed (beam: {beam} -> 5)" in caplog.text
     with open(task.result_path("softmax", 1), "w") as f:  # a result written before the settings were recorded
         json.dump({"system": "softmax", "generation": {"beam": 5, "lenpen": 0.6}}, f)
-    records.evaluate_if_needed(task, "softmax", 1, task.setting("softmax"))
+    evaluate_module.evaluate_if_needed(task, "softmax", 1, task.setting("softmax"))
     assert len(evaluations) == 3
 
 

@@ -120,7 +120,8 @@ def test_the_grid_skips_what_the_config_pins_and_quick_keeps_two_points(tmp_path
 
 
 def test_tune_chooses_by_validation_bleu_then_loss_and_never_evaluates_the_test_set(tmp_path, monkeypatch, capsys):
-    from rela_tools.pipeline import records, tune
+    from rela_tools.pipeline import evaluate as evaluate_module
+    from rela_tools.pipeline import tune
 
     pipeline_folders(tmp_path, monkeypatch)
     task = load_task("toy")
@@ -147,7 +148,7 @@ def test_tune_chooses_by_validation_bleu_then_loss_and_never_evaluates_the_test_
     monkeypatch.setattr(tune, "train_if_needed", fake_train)
     monkeypatch.setattr(tune, "heads_off_if_needed", lambda task, system, seed, setting, force: 0.25)
     monkeypatch.setattr(tune, "evaluate_if_needed", fake_evaluate)
-    monkeypatch.setattr(records, "evaluate", lambda *a, **k: pytest.fail("tune evaluated outside the grid"))
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: pytest.fail("tune evaluated outside the grid"))
     report = tune.tune(task, ["rela_g"])
     assert trained == ["rela_g", "rela_g@lr=0.004", "rela_g@lr=0.001"] and set(splits) == {"valid"}
     chosen = report["systems"]["rela_g"]["chosen"]

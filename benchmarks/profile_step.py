@@ -77,10 +77,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     if args.mode == "decode":  # in training, the kernels' autograd functions name them (FusedAttention, ...)
         name_kernel_calls(device)
-    dictionary = speed.Dictionary(speed.CONFIGS[args.config]["vocab"]).d
+    dictionary = speed.vocabulary(args.size)
     batch = speed.make_batch(dictionary, args.train_tokens, args.length, device, seed=args.length)
     systems = ["softmax", args.system]
-    models = {s: speed.build(s, args.config, dictionary, device) for s in systems}
+    models = {s: speed.build(s, args.size, dictionary, device) for s in systems}
     optimizers = {s: torch.optim.Adam(m.parameters(), lr=1e-4) for s, m in models.items()}
     sample = {"net_input": {k: v[: args.decode_sentences] for k, v in batch["net_input"].items()
                             if k != "prev_output_tokens"}}
@@ -136,7 +136,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--mode", default="train", choices=("train", "decode"),
                    help="a training step (default), or beam search on --decode-sentences sentences")
     p.add_argument("--decode-sentences", type=int, default=16, help="sentences decoded (--mode decode, default 16)")
-    p.add_argument("--config", default="base", choices=list(speed.CONFIGS), help="model size (default base)")
+    p.add_argument("--size", default="transformer_rela", choices=speed.SIZES, metavar="ARCH",
+                   help="model size: the dimensions of this architecture (default transformer_rela: Transformer-base)")
     p.add_argument("--length", type=int, default=48, help="sequence length (default 48)")
     p.add_argument("--train-tokens", type=int, default=2048, help="target tokens per batch (default 2048)")
     p.add_argument("--steps", type=int, default=2, help="profiled steps per system (default 2)")

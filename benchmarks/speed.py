@@ -16,9 +16,9 @@ paper).
 * ``--end-to-end TASK``: ``fairseq-train`` and ``fairseq-generate`` themselves on a prepared, trained task, words/s
   and sentences/s from their own logs (the figures users see).
 
-    python benchmarks/speed.py                  # small and Transformer-base, lengths 16-512 (an hour on a CPU)
-    python benchmarks/speed.py --quick          # tiny sizes, seconds (CI)
-    python benchmarks/speed.py --configs base --lengths 16 48 --systems rela_g --extra rela_g_eager
+    python benchmarks/speed.py                  # transformer_rela_small and Transformer-base, lengths 16-512 (an hour)
+    python benchmarks/speed.py --quick          # transformer_rela_tiny, seconds (CI)
+    python benchmarks/speed.py --sizes transformer_rela --lengths 16 48 --systems rela_g --extra rela_g_eager
     python benchmarks/speed.py --measure decode --lengths 16 48 128 --systems rela_g rela_i
     python benchmarks/speed.py --end-to-end multi30k_de_en --systems rela_g --extra rela_g_eager
     python benchmarks/speed.py --json out.json --device cuda
@@ -41,26 +41,25 @@ from typing import Any, Iterable, Literal, Optional, Sequence
 
 import torch
 
-CONFIGS = {
-    "tiny": dict(embed=64, ffn=128, heads=4, layers=2, vocab=1000),
-    "small": dict(embed=256, ffn=1024, heads=4, layers=3, vocab=8000),
-    "base": dict(embed=512, ffn=2048, heads=8, layers=6, vocab=8000),
-}
-SYSTEMS = {  # name -> (model, options); "softmax" is the stock fairseq Transformer
-    "softmax": ("transformer", {}),
-    "sparsemax": ("transformer_rela", {"attn_fn": "sparsemax"}),
-    "entmax15": ("transformer_rela", {"attn_fn": "entmax15"}),
-    "entmax_alpha": ("transformer_rela", {"attn_fn": "entmax_alpha"}),
-    "rela_g": ("transformer_rela", {"attn_fn": "rela", "rela_variant": "gated"}),
-    "rela_i": ("transformer_rela", {"attn_fn": "rela", "rela_variant": "init"}),
-}
+from rela_tools.systems import SYSTEMS as PAPER_SYSTEMS
+
+# model sizes: the dimensions (width, FFN, heads, layers) of these transformer_rela architectures, for every system
+SIZES = ("transformer_rela_tiny", "transformer_rela_small", "transformer_rela_iwslt_de_en", "transformer_rela",
+         "transformer_rela_big")
+DIMENSIONS = tuple(f"{side}_{key}" for side in ("encoder", "decoder")
+                   for key in ("embed_dim", "ffn_embed_dim", "attention_heads", "layers"))
+VOCAB = {"transformer_rela_tiny": 1000}  # synthetic vocabulary size; 8,000 for the others
+# the paper's systems (rela_tools/systems.py) -> (model, options); softmax is fairseq's stock Transformer, its fastest
+# path (fused kernels included), not softmax routed through the plugin
+SYSTEMS = {name: ("transformer", {}) if name == "softmax" else ("transformer_rela", system.options)
+           for name, system in PAPER_SYSTEMS.items()}
 EXTRA_SYSTEMS = {  # rela_g and rela_i above run --rela-kernel auto: the fused kernels where they build
-    "softmax_plugin": ("transformer_rela", {"attn_fn": "softmax"}),  # --attn-fn softmax through the plugin
+    "softmax_plugin": ("transformer_rela", PAPER_SYSTEMS["softmax"].options),  # --attn-fn softmax through the plugin
     # a second, identical copy of the stock model: its ratio to softmax (1.00 on a quiet machine) is the run's noise
     # floor; on a shared 2-core VM two copies of one model have differed by 5% in decoding
     "softmax_control": ("transformer", {}),
-    "rela_g_eager": ("transformer_rela", {"attn_fn": "rela", "rela_variant": "gated", "rela_kernel": "eager"}),
-    "rela_i_eager": ("transformer_rela", {"attn_fn": "rela", "rela_variant": "init", "rela_kernel": "eager"}),
+    "rela_g_eager": ("transformer_rela", {**PAPER_SYSTEMS["rela_g"].options, "rela_kernel": "eager"}),
+    "rela_i_eager": ("transformer_rela", {**PAPER_SYSTEMS["rela_i"].options, "rela_kernel": "eager"}),
 }
 MEASURES = ("train", "decode", "memory")
 E2E_VARIANTS = {"rela_g_eager": ("rela_g", {"RELA_FAIRSEQ_KERNEL": "eager"}),
@@ -83,18 +82,28 @@ class Task:
         self.source_dictionary = self.target_dictionary = dictionary
 
 
-def build(system: str, config: str, dictionary: Any, device: torch.device, seed: int = 1) -> torch.nn.Module:
+def dimensions(size: str) -> dict[str, int]:
+    """The width, FFN width, heads and layers that the architecture ``size`` sets."""
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+
+    import rela_fairseq  # noqa: F401  registers transformer_rela and its architectures
+
+    args = argparse.Namespace()
+    ARCH_CONFIG_REGISTRY[size](args)
+    return {key: getattr(args, key) for key in DIMENSIONS}
+
+
+def vocabulary(size: str) -> Any:
+    return Dictionary(VOCAB.get(size, 8000)).d
+
+
+def build(system: str, size: str, dictionary: Any, device: torch.device, seed: int = 1) -> torch.nn.Module:
+    """``system`` at the dimensions of the architecture ``size``, dropout 0.1 everywhere (as in the paper)."""
     from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 
-    import rela_fairseq  # noqa: F401  registers transformer_rela
-
     arch, options = {**SYSTEMS, **EXTRA_SYSTEMS}[system]
-    c = CONFIGS[config]
-    args = argparse.Namespace(
-        encoder_embed_dim=c["embed"], decoder_embed_dim=c["embed"], encoder_ffn_embed_dim=c["ffn"],
-        decoder_ffn_embed_dim=c["ffn"], encoder_attention_heads=c["heads"], decoder_attention_heads=c["heads"],
-        encoder_layers=c["layers"], decoder_layers=c["layers"], dropout=0.1, attention_dropout=0.1,
-        activation_dropout=0.1, share_decoder_input_output_embed=True, **options)
+    args = argparse.Namespace(**dimensions(size), dropout=0.1, attention_dropout=0.1, activation_dropout=0.1,
+                              share_decoder_input_output_embed=True, **options)
     ARCH_CONFIG_REGISTRY[arch](args)
     torch.manual_seed(seed)
     return ARCH_MODEL_REGISTRY[arch].build_model(args, Task(dictionary)).to(device)
@@ -236,10 +245,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict[
     device = torch.device(args.device)
     systems = ["softmax"] + [s for s in args.systems if s != "softmax"] + list(args.extra)
     results: list[dict[str, Any]] = []
-    raw: dict[str, dict[str, dict[str, list[float]]]] = {}  # "config/Llength" -> system -> measure -> values
-    for config in args.configs:
-        dictionary = Dictionary(CONFIGS[config]["vocab"]).d
-        models = {s: build(s, config, dictionary, device, seed=args.seed) for s in systems}
+    raw: dict[str, dict[str, dict[str, list[float]]]] = {}  # "size/Llength" -> system -> measure -> values
+    for size in args.sizes:
+        dictionary = vocabulary(size)
+        models = {s: build(s, size, dictionary, device, seed=args.seed) for s in systems}
         optimizers = {s: torch.optim.Adam(m.parameters(), lr=1e-4) for s, m in models.items()}
         params = {s: sum(p.numel() for p in m.parameters()) for s, m in models.items()}
         memory_only = [n for n in args.memory_lengths if n not in args.lengths] if "memory" in args.measure else []
@@ -253,7 +262,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict[
                                        seed=1000 * args.seed + length + 1)
             decode_sample = {"net_input": {k: v[: args.decode_sentences] for k, v in decode_sample["net_input"].items()
                                            if k != "prev_output_tokens"}}
-            cell = raw.setdefault(f"{config}/L{length}", {s: {"train": [], "decode": [], "memory": []}
+            cell = raw.setdefault(f"{size}/L{length}", {s: {"train": [], "decode": [], "memory": []}
                                                         for s in systems})
             for system in systems:  # warm-up (and Adam's state)
                 if "train" in kinds or "memory" in args.measure:
@@ -269,17 +278,17 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict[
                         else:
                             value = time_decoding(models[system], dictionary, decode_sample, length, device)
                         cell[system][kind].append(value)
-                    print(f"  {config} L={length} {kind} round {repeat + 1}/{args.repeats}: " + "  ".join(
+                    print(f"  {size} L={length} {kind} round {repeat + 1}/{args.repeats}: " + "  ".join(
                         f"{s} {cell[s][kind][-1]:.1f}" for s in systems), file=sys.stderr, flush=True)
             for system in systems if "memory" in args.measure else []:
                 cell[system]["memory"].append(peak_training_memory(models[system], optimizers[system], batch, device))
-            results += summarize(cell, config, length, params)
+            results += summarize(cell, size, length, params)
         del models, optimizers
         gc.collect()
     return results, raw
 
 
-def summarize(cell: dict[str, dict[str, list[float]]], config: str, length: int,
+def summarize(cell: dict[str, dict[str, list[float]]], size: str, length: int,
               params: dict[str, int]) -> list[dict[str, Any]]:
     """One row per system: median throughputs, and ratios to softmax as the median of the per-round ratios (None
     where not measured: decoding above --max-decode-length, timing at --memory-lengths).
@@ -298,7 +307,7 @@ def summarize(cell: dict[str, dict[str, list[float]]], config: str, length: int,
     for system in cell:
         memory = median(system, "memory")
         rows.append({
-            "config": config, "length": length, "system": system, "parameters": params[system],
+            "size": size, "length": length, "system": system, "parameters": params[system],
             "train_tokens_per_s": median(system, "train"), "train_ratio": ratio(system, "train"),
             "decode_sentences_per_s": median(system, "decode"), "decode_ratio": ratio(system, "decode"),
             "peak_memory_mb": memory / 2**20 if memory is not None else None,
@@ -311,10 +320,10 @@ def markdown(results: Iterable[dict[str, Any]]) -> str:
     def show(value: Optional[float], digits: int) -> str:
         return "–" if value is None else f"{value:.{digits}f}"
 
-    lines = ["| config | length | system | train tok/s | train × softmax | decode sent/s | decode × softmax "
+    lines = ["| size | length | system | train tok/s | train × softmax | decode sent/s | decode × softmax "
              "| peak MB | memory × softmax |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['config']} | {r['length']} | {r['system']} | {show(r['train_tokens_per_s'], 0)} | "
+        lines.append(f"| {r['size']} | {r['length']} | {r['system']} | {show(r['train_tokens_per_s'], 0)} | "
                      f"{show(r['train_ratio'], 2)} | {show(r['decode_sentences_per_s'], 2)} | "
                      f"{show(r['decode_ratio'], 2)} | {show(r['peak_memory_mb'], 0)} | {show(r['memory_ratio'], 2)} |")
     return "\n".join(lines)
@@ -371,7 +380,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: seconds")
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="model sizes (default: small base)")
+    p.add_argument("--sizes", nargs="+", choices=SIZES, metavar="ARCH",
+                   help="model sizes: the dimensions of these architectures (default: transformer_rela_small "
+                        f"transformer_rela; --quick: transformer_rela_tiny); one of {', '.join(SIZES)}")
     p.add_argument("--lengths", nargs="+", type=int, help="sequence lengths (default: 16 48 128 256 512)")
     p.add_argument("--max-decode-length", type=int, help="decoding is timed up to this length (default 256)")
     p.add_argument("--memory-lengths", nargs="*", type=int,
@@ -398,10 +409,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="the models' initial weights, the batches and dropout (default 1; the same for every system)")
     p.add_argument("--json", help="write all measurements and ratios to this file")
     args = p.parse_args(argv)
-    quick = dict(configs=["tiny"], lengths=[8, 16], repeats=1, train_tokens=256, decode_sentences=4,
+    quick = dict(sizes=["transformer_rela_tiny"], lengths=[8, 16], repeats=1, train_tokens=256, decode_sentences=4,
                  max_decode_length=16, memory_lengths=[32])
-    full = dict(configs=["small", "base"], lengths=[16, 48, 128, 256, 512], repeats=5, train_tokens=2048,
-                decode_sentences=16, max_decode_length=256, memory_lengths=[1024])
+    full = dict(sizes=["transformer_rela_small", "transformer_rela"], lengths=[16, 48, 128, 256, 512], repeats=5,
+                train_tokens=2048, decode_sentences=16, max_decode_length=256, memory_lengths=[1024])
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -456,8 +467,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"rounds of the ratio to {reference} in that round; {time.time() - started:.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
+            sizes = {} if args.end_to_end else {size: dimensions(size) for size in args.sizes}
             json.dump({"environment": environment(args), "settings": {k: v for k, v in vars(args).items()},
-                       "results": results, "raw": raw}, f, indent=1)
+                       "sizes": sizes, "results": results, "raw": raw}, f, indent=1)
     return 0
 
 

@@ -1,5 +1,5 @@
 """The systems the paper compares (and α-entmax), as data: one place that names them, with their labels and the
-``transformer_rela`` options that make each. The pipeline, the benchmark, the analysis report and the tests all read
+``transformer_rela`` options that make each. The pipeline, the benchmark (benchmarks/speed.py) and the tests read
 them from here.
 """
 
@@ -45,7 +45,3 @@ def get_system(name: str) -> System:
         raise RelaConfigError(f"unknown system {name!r}; choose one of {', '.join(SYSTEMS)}")
     return SYSTEMS[name]
 
-
-def system_args(name: str) -> list[str]:
-    """fairseq-train options of one system."""
-    return get_system(name).fairseq_args()

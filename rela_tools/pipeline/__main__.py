@@ -99,8 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "their mean (default 1)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP)
     p.add_argument("--mirror", help="as for prepare")
-    sub.add_parser("toy-report", help="softmax and ReLA-g side by side on the toy task, with plots "
-                                      "(after reproduce toy softmax / rela_g)")
     p = sub.add_parser("results", help="all JSON results as a Markdown table beside the paper's numbers")
     p.add_argument("--output", help="also write the table to this file")
     return parser
@@ -168,11 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         from .results import main_results
 
         return main_results(args.output)
-    if args.command == "toy-report":
-        from .report import toy_report
-
-        toy_report(load_task("toy"))
-        return 0
     task = load_task(args.task)
     from .config import parse_set_option
 

@@ -25,7 +25,6 @@ import importlib.util
 import logging
 import os
 import re
-import statistics
 import time
 
 from ..analyze.plots import learning_curve_plot
@@ -39,7 +38,8 @@ from .curves import learning_curve
 from .evaluate import evaluate_if_needed, references
 from .prepare import prepare
 from .records import ResultRecord, finished_updates, newer, reusable_result
-from .significance import compare_to_reference, mark
+from .significance import compare_to_reference
+from .tables import compare_table, mean_sd
 from .train import train_if_needed
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def compare(task: Task, systems: list[str], seeds: int = 1, mirror: str | None =
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(os.path.join(out_dir, "compare.json"), report)
-    table = markdown_table(report)
+    table = compare_table(report)
     with open(os.path.join(out_dir, "compare.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     plots = _plots(task, systems, analyses, out_dir)
@@ -180,17 +180,21 @@ def _further_finished_seeds(task: Task, system: str, seed_list: list[int], setti
 # --------------------------------------------------------------------------- analysis and speed
 
 def _analyse_if_needed(task: Task, system: str, out_dir: str) -> dict:
-    """Attention statistics of the first seed's decoded checkpoint on the test set (cached beside the table)."""
-    from ..analyze import analyse, load_model
+    """Attention statistics of the first seed's decoded checkpoint on the test set, and where the task has gold word
+    alignments (the toy task) the alignment scores of every layer: ``{"attention": ..., "alignment": ... or None}``,
+    cached beside the table."""
+    from ..analyze import AlignmentSettings, analyse, load_model
 
-    path = os.path.join(out_dir, f"{system}.attention.json")
+    path = os.path.join(out_dir, f"{system}.analysis.json")
     result_path = task.result_path(system)
     if newer(path, result_path):
         logger.info(f"{system}: attention analysed already, reusing {path}")
         return read_json(path)
     checkpoint = os.path.join(task.checkpoint_dir(system), read_json(result_path)["checkpoint"])
     model, fairseq_task = load_model(checkpoint, task.bin_dir, "test")
-    summary = analyse(model, fairseq_task, "test").attention
+    gold = task.path("raw", "test.align")
+    analysis = analyse(model, fairseq_task, "test", AlignmentSettings(gold) if os.path.exists(gold) else None)
+    summary = {"attention": analysis.attention, "alignment": analysis.alignment}
     write_json(path, summary)
     return summary
 
@@ -224,25 +228,19 @@ def _speed_if_needed(task: Task, systems: list[str], out_dir: str, stage) -> dic
 
 # --------------------------------------------------------------------------- the table
 
-def _mean_sd(values: list[float]) -> dict:
-    values = [v for v in values if v is not None]
-    return {"mean": round(statistics.mean(values), 2) if values else None,
-            "sd": round(statistics.stdev(values), 2) if len(values) > 1 else None, "n": len(values),
-            "values": values}
-
-
-def _summary(system: str, setting: Setting, runs: list[dict], attention: dict, speed: dict | None,
+def _summary(system: str, setting: Setting, runs: list[dict], analysis: dict, speed: dict | None,
              test: dict | None) -> dict:
+    attention, alignment = analysis["attention"], analysis["alignment"]
     types = attention["types"]
     return {
         "label": LABELS[system],
         "setting": {"describe": setting.describe(), "source": setting.source, "overrides": setting.overrides},
         "runs": runs,
-        "bleu": _mean_sd([r["bleu"] for r in runs]),
-        "chrf": _mean_sd([r["chrf"] for r in runs]),
-        "brevity_penalty": _mean_sd([r["brevity_penalty"] for r in runs]),
+        "bleu": mean_sd([r["bleu"] for r in runs]),
+        "chrf": mean_sd([r["chrf"] for r in runs]),
+        "brevity_penalty": mean_sd([r["brevity_penalty"] for r in runs]),
         "significance": test,
-        "train_seconds": _mean_sd([r["train_seconds"] for r in runs]),
+        "train_seconds": mean_sd([r["train_seconds"] for r in runs]),
         "train_speed": speed and speed["train_ratio"],
         "decode_speed": speed and speed["decode_ratio"],
         "speed_raw": speed,
@@ -250,68 +248,20 @@ def _summary(system: str, setting: Setting, runs: list[dict], attention: dict, s
         "null_rate": {t.name: types[t.name]["overall"]["null_rate"] for t in ATTENTION_TYPES if t.name in types},
         "js": {t.name: types[t.name]["overall"]["js"] for t in ATTENTION_TYPES if t.name in types},
         "overall_sparsity": attention.get("overall_sparsity"),
+        "aer": alignment and {key: alignment[key] for key in ("best_normal", "best_shifted")},
     }
-
-
-def _fmt_mean_sd(stat: dict, digits: int = 1) -> str:
-    if stat["mean"] is None:
-        return "–"
-    text = f"{stat['mean']:.{digits}f}"
-    return text + (f" ± {stat['sd']:.{digits}f}" if stat["sd"] is not None else "")
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
-def _num(x: float | None, digits: int = 2) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
-
-
-def markdown_table(report: dict) -> str:
-    """One row per system: its setting, BLEU (mean ± sd over seeds, † where it differs from softmax's significantly)
-    and chrF, the brevity penalty, speed × softmax, then sparsity, null rate and JS head diversity per attention type
-    (encoder self / decoder self / cross)."""
-    short = "/".join(t.short for t in ATTENTION_TYPES)
-    header = ["system", "setting", "seeds", "BLEU", "chrF", "BP", "train ×softmax", "decode ×softmax",
-              f"sparsity % ({short})", f"null rate % ({short})", f"JS nats ({short})", "train min"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for s in report["systems"].values():
-        per_type = [" / ".join(fmt(s[key].get(t.name)) for t in ATTENTION_TYPES)
-                    for key, fmt in (("sparsity", _pct), ("null_rate", _pct), ("js", _num))]
-        minutes = s["train_seconds"]["mean"]
-        setting = s.get("setting") or {"describe": "shared", "source": "shared"}
-        setting_text = setting["describe"] + ("" if setting["source"] == "shared" else f" ({setting['source']})")
-        lines.append("| " + " | ".join([
-            s["label"], setting_text, str(s["bleu"]["n"]), _fmt_mean_sd(s["bleu"]) + mark(s.get("significance")),
-            _fmt_mean_sd(s["chrf"]), _fmt_mean_sd(s.get("brevity_penalty") or _mean_sd([]), 2),
-            _num(s["train_speed"]), _num(s["decode_speed"]), *per_type,
-            "–" if minutes is None else f"{minutes / 60:.1f}"]) + " |")
-    speed = report["speed"]
-    reference = report.get("reference", "softmax")
-    notes = [
-        "",
-        f"{report['task']}{' (QUICK)' if report['quick'] else ''}, test set {report['test_set']}: SacreBLEU "
-        f"`{report['signature']}` and chrF, mean ± standard deviation over the seeds; † the difference to "
-        f"{reference} is significant (p < 0.05, SacreBLEU's paired bootstrap resampling, 1,000 samples, over the "
-        "seed-pooled outputs; with one seed, that seed's). setting: what differs from the config's shared setting, "
-        "and where it comes from (config: the task config's systems; tuned: chosen by tune.sh on the validation set). "
-        f"BP: brevity penalty. Speed: fairseq's own words/s (training, {speed['updates']} updates from scratch) and "
-        f"sentences/s (decoding, about {speed['sentences']} test sentences, beam as evaluated) relative to softmax, "
-        f"median over {speed['rounds']} interleaved rounds in the same run. Sparsity and null rate over valid "
-        "query-key pairs of the test set (teacher-forced, first seed); JS head diversity in nats. train min: "
-        "fairseq's training time per run.",
-    ]
-    return "\n".join(lines + notes)
 
 
 def _plots(task: Task, systems: list[str], analyses: dict, out_dir: str) -> list[str]:
     from ..analyze import load_model, plots
 
-    labelled = {LABELS[s]: analyses[s] for s in systems}
+    labelled = {LABELS[s]: analyses[s]["attention"] for s in systems}
     written = []
     for metric in ("sparsity", "null_rate"):
         written += plots.layer_head_stats(labelled, os.path.join(out_dir, f"{metric}.png"), metric)
+    alignments = {LABELS[s]: analyses[s]["alignment"] for s in systems if analyses[s]["alignment"]}
+    if alignments:
+        written += plots.aer_curves(alignments, os.path.join(out_dir, "aer_by_layer.png"))
     sentences = sorted(set((task.get("compare") or {}).get("heatmap_sentences", [0])))
     maps: dict[int, dict] = {}
     for system in systems:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from ..errors import RelaConfigError
 
-USER_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the value of fairseq's --user-dir
+# the value of fairseq's --user-dir: the rela_fairseq package beside rela_tools (in a checkout and in site-packages)
+USER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "rela_fairseq")
 
 
 def tool(name: str) -> str:

@@ -25,12 +25,12 @@ import os
 from ..errors import RelaConfigError
 from ..files import write_json
 from ..systems import LABELS
-from .compare import _fmt_mean_sd, _mean_sd
 from .config import TUNED_FILE, Setting, Task, format_value
 from .curves import run_valid_losses
 from .evaluate import evaluate_if_needed
 from .prepare import prepare
 from .records import data_record, newer
+from .tables import HEAD_OFF_RATE, mean_sd, tune_table
 from .train import train_if_needed
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def tune(task: Task, systems: list[str], seeds: int = 1, mirror: str | None = No
     os.makedirs(task.tune_dir, exist_ok=True)
     write_json(os.path.join(task.tune_dir, "tune.json"), report)
     write_tuned(task, report)
-    table = markdown_table(report)
+    table = tune_table(report)
     with open(os.path.join(task.tune_dir, "tune.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     print(table)
@@ -125,12 +125,11 @@ def _point(setting: Setting, point: dict, runs: list[dict]) -> dict:
               for key, value in point[section].items()]
     return {"train": point["train"], "evaluate": point["evaluate"], "overrides": setting.overrides,
             "describe": ", ".join(values) or setting.describe(), "runs": runs,
-            "valid_bleu": _mean_sd([r["valid_bleu"] for r in runs]),
-            "valid_loss": _mean_sd([r["valid_loss"] for r in runs]),
-            "heads_off": _mean_sd([r["heads_off"] for r in runs]), "chosen": False}
+            "valid_bleu": mean_sd([r["valid_bleu"] for r in runs]),
+            "valid_loss": mean_sd([r["valid_loss"] for r in runs]),
+            "heads_off": mean_sd([r["heads_off"] for r in runs]), "chosen": False}
 
 
-HEAD_OFF_RATE = 0.5  # a head counts as switched off when it attends to nothing for more than half of its queries
 
 
 def heads_off(attention: dict) -> float:
@@ -175,30 +174,3 @@ def write_tuned(task: Task, report: dict) -> None:
     task._tuned = None  # read again on the next Task.setting
 
 
-def markdown_table(report: dict) -> str:
-    """One row per system and grid point: the training and decoding values, validation BLEU (mean ± sd over the
-    seeds) and validation loss; the chosen point in bold."""
-    keys = {section: [key for key in report["grid"].get(section) or {}] for section in ("train", "evaluate")}
-    header = ["system", *keys["train"], *keys["evaluate"], "seeds", "valid BLEU", "valid loss", "heads off %"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for entry in report["systems"].values():
-        for point in entry["points"]:
-            values = [format_value(point[section][key]) if key in point[section] else "pinned"
-                      for section in ("train", "evaluate") for key in keys[section]]
-            bleu, loss = point["valid_bleu"], point["valid_loss"]
-            off = point["heads_off"]
-            off_pct = {**off, "mean": None if off["mean"] is None else 100 * off["mean"],
-                       "sd": None if off["sd"] is None else 100 * off["sd"]}
-            cells = [entry["label"], *values, str(bleu["n"]), _fmt_mean_sd(bleu, 1), _fmt_mean_sd(loss, 3),
-                     _fmt_mean_sd(off_pct, 0)]
-            if point["chosen"]:
-                cells = [f"**{c}**" for c in cells]
-            lines.append("| " + " | ".join(cells) + " |")
-    notes = ["", f"{report['task']}{' (QUICK)' if report['quick'] else ''}: validation set only. valid BLEU: "
-             "SacreBLEU of the average of each run's last checkpoints (as evaluated on the test set), mean ± sd over "
-             "the seeds; valid loss: fairseq's validation loss (label-smoothed, base 2) at the last update; heads off: "
-             f"the share of attention heads that attend to nothing for more than {HEAD_OFF_RATE:.0%} of their "
-             "queries (validation set, teacher-forced; all attention types). "
-             "pinned: set for this system by the config's systems, not tuned. Bold: the point chosen per system "
-             "(highest valid BLEU; ties: lower loss)."]
-    return "\n".join(lines + notes)

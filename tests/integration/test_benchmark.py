@@ -7,7 +7,7 @@ import sys
 
 from helpers import REPO
 
-SYSTEMS = {"softmax", "sparsemax", "entmax15", "entmax_alpha", "rela_g", "rela_i"}
+from rela_tools.systems import SYSTEMS
 
 
 def test_quick_benchmark_json(tmp_path):
@@ -16,14 +16,18 @@ def test_quick_benchmark_json(tmp_path):
                            "--extra", "softmax_plugin", "rela_g_eager", "softmax_control"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| config | length | system | train tok/s | train × softmax |" in proc.stdout
+    assert "| size | length | system | train tok/s | train × softmax |" in proc.stdout
     data = json.loads(out.read_text())
     assert data["environment"]["torch"] and data["settings"]["quick"] is True
     assert data["environment"]["rela_kernel_auto"] == "fused"  # rela_g ran the kernels, rela_g_eager the operators
     rows = data["results"]
-    assert {r["system"] for r in rows} == SYSTEMS | {"softmax_plugin", "rela_g_eager", "softmax_control"}
+    assert {r["system"] for r in rows} == set(SYSTEMS) | {"softmax_plugin", "rela_g_eager", "softmax_control"}
     control = {r["parameters"] for r in rows if r["system"] in ("softmax", "softmax_control")}
     assert len(control) == 1  # the control is the stock model again
+    # the size is transformer_rela_tiny's: fairseq's tiny dimensions (d 64, FFN 64, 2 heads, 2+2 layers)
+    assert data["sizes"]["transformer_rela_tiny"] == dict(
+        encoder_embed_dim=64, encoder_ffn_embed_dim=64, encoder_attention_heads=2, encoder_layers=2,
+        decoder_embed_dim=64, decoder_ffn_embed_dim=64, decoder_attention_heads=2, decoder_layers=2)
     assert {r["length"] for r in rows} == {8, 16, 32}  # 32: peak memory only (--memory-lengths)
     for r in rows:
         assert r["peak_memory_mb"] >= 0 and r["memory_ratio"] is not None
@@ -33,8 +37,8 @@ def test_quick_benchmark_json(tmp_path):
         assert r["train_tokens_per_s"] > 0 and r["decode_sentences_per_s"] > 0
         if r["system"] == "softmax":
             assert r["train_ratio"] == 1.0 and r["decode_ratio"] == 1.0
-    assert "| tiny | 32 | rela_g | – | – | – | – |" in proc.stdout
-    assert set(data["raw"]) == {"tiny/L8", "tiny/L16", "tiny/L32"}
+    assert "| transformer_rela_tiny | 32 | rela_g | – | – | – | – |" in proc.stdout
+    assert set(data["raw"]) == {"transformer_rela_tiny/L8", "transformer_rela_tiny/L16", "transformer_rela_tiny/L32"}
 
 
 def test_benchmark_measures_only_what_it_is_asked(tmp_path):
@@ -46,7 +50,7 @@ def test_benchmark_measures_only_what_it_is_asked(tmp_path):
     assert {(r["length"], r["system"]) for r in rows} == {(n, s) for n in (8, 16) for s in ("softmax", "rela_g")}
     for r in rows:  # no memory-only length, no training, no memory
         assert r["decode_sentences_per_s"] > 0 and r["train_tokens_per_s"] is None and r["peak_memory_mb"] is None
-    assert "| tiny | 8 | rela_g | – | – |" in proc.stdout and "train round" not in proc.stderr
+    assert "| transformer_rela_tiny | 8 | rela_g | – | – |" in proc.stdout and "train round" not in proc.stderr
 
 
 def test_benchmark_rejects_bad_arguments():
@@ -58,7 +62,8 @@ def test_benchmark_rejects_bad_arguments():
 def test_step_profile_separates_relas_own_operators(tmp_path):
     """profile_step.py: per-operator self times of one training step, ReLA-g against stock softmax."""
     out = tmp_path / "profile.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"), "--config", "tiny",
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"), "--size",
+                           "transformer_rela_tiny",
                            "--length", "8", "--train-tokens", "64", "--steps", "1", "--json", out],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -81,7 +86,8 @@ def test_step_profile_rejects_bad_arguments():
 
 def test_decoding_profile_names_the_kernels_called_outside_autograd(tmp_path):
     out = tmp_path / "profile.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"), "--config", "tiny",
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"), "--size",
+                           "transformer_rela_tiny",
                            "--mode", "decode", "--length", "6", "--decode-sentences", "3", "--train-tokens", "12",
                            "--steps", "1", "--json", out], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -41,24 +41,25 @@ def test_reproduce_toy_writes_a_json_result_with_a_sacrebleu_signature(quick_roo
     assert "[generate] already done" in again.stderr and "[binarize] already done" in again.stderr
 
 
-def test_main_job_report_on_quick_toy(quick_root):
+def test_main_job_is_the_comparison_multi30k_runs_with_the_toy_tasks_aer(quick_root):
+    with open(os.path.join(SCRIPTS, "toy_demo.sh"), encoding="utf-8") as f:
+        assert f.read().rstrip().endswith("run_pipeline compare toy softmax rela_g")  # after setting up the env
     env = script_env(quick_root, QUICK=1)
-    run_script("reproduce.sh", "toy", "softmax", env=env)
-    if not (quick_root / "results" / "toy-quick" / "rela_g.json").exists():
-        run_script("reproduce.sh", "toy", "rela_g", env=env)
-    proc = subprocess.run([sys.executable, "-m", "rela_tools.pipeline", "toy-report"], capture_output=True,
-                          text=True, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
-    for row in ("SacreBLEU", "chrF", "sparsity, all attention", "null rate, cross", "JS head diversity (nats), cross",
-                "AER best layer, best head, normal", "AER best layer, head average, shifted"):
-        assert row in out, row
-    header = out.splitlines()[[i for i, line in enumerate(out.splitlines()) if "softmax" in line][0]]
-    assert "ReLA-g" in header
-    softmax_sparsity = re.search(r"sparsity, all attention\s+(\S+)\s+(\S+)", out).groups()
-    assert softmax_sparsity[0] == "0.0%" and softmax_sparsity[1] != "0.0%"
-    plots = sorted(os.listdir(quick_root / "results" / "toy-quick" / "plots"))
-    assert {"sparsity.png", "null_rate.png", "aer_by_layer.png"} <= set(plots)
+    out = run_script("compare.sh", "toy", "softmax", "rela_g", env=env).stdout
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("| system |"))
+    for column in ("BLEU", "chrF", "BP", "sparsity % (enc/dec/cross)", "null rate % (enc/dec/cross)",
+                   "JS nats (enc/dec/cross)", "AER % (normal / shifted)"):
+        assert f"| {column} |" in header, column
+    rows = {line.split("|")[1].strip(): line.split("|") for line in lines if line.startswith("| ")}
+    column = header.split("|").index(" sparsity % (enc/dec/cross) ")
+    assert rows["softmax"][column].strip() == "0.0 / 0.0 / 0.0" and rows["ReLA-g"][column].strip() != "0.0 / 0.0 / 0.0"
+    aer = rows["ReLA-g"][header.split("|").index(" AER % (normal / shifted) ")]
+    assert re.fullmatch(r" \d+\.\d \(L\d (avg|h\d)\) / \d+\.\d \(L\d (avg|h\d)\) ", aer), aer
+    assert "AER: alignment error rate against the gold word alignments" in out
+    written = set(os.listdir(quick_root / "results" / "toy-quick" / "compare"))
+    assert {"compare.md", "compare.json", "sparsity.png", "null_rate.png", "aer_by_layer.png",
+            "learning_curves.png"} <= written
     # results.sh gathers the JSON results into the paper-style table
     table = run_script("results.sh", "--output", quick_root / "results.md", env=env).stdout
     assert "| system | toy (QUICK) |" in table

@@ -136,7 +136,7 @@ class RelaMultiheadAttention(MultiheadAttention):
         plain = self.bias_k is None and not self.add_zero_attn  # fairseq pads neither mask with an extra key
         own_mask = (key_padding_mask is not None and incremental_state is None and plain
                     and (not self.encoder_decoder_attention or self.beam_size == 1))
-        own_attn_mask = attn_mask is not None and plain and self.attn_fn.masked_score == 0.0
+        own_attn_mask = attn_mask is not None and plain
         skip = self.skip_embed_dim_check
         self.skip_embed_dim_check = True
         try:

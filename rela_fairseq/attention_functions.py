@@ -2,7 +2,7 @@
 
 An ``AttentionFunction`` turns attention scores ``[B, H, T, S]`` (masked keys hold -inf, as fairseq hands them over)
 into weights, and may post-process the concatenated head outputs ``[T, B, d]`` before the output projection (only
-ReLA does: its norm and gate). Every model code path treats the five alike:
+ReLA does: its norm and gate). Every model code path treats them alike:
 
 =============  =====================================================  ================  ===============
 name           weights                                                rows sum to one   parameters
@@ -12,7 +12,16 @@ sparsemax      sparsemax(s) (Martins & Astudillo 2016)                yes       
 entmax15       1.5-entmax(s) (Peters et al. 2019)                     yes               none
 entmax_alpha   α-entmax(s), α learned per head (Correia et al. 2019)  yes               pre_alpha [H]
 rela           ReLU(s), then norm (+ gate) on the head outputs        no                norm, gate [d]
+sigmoid        σ(s - log n) per key (Ramapuram et al. 2025)           no                none, or bias [H]
+relu_len       ReLU(s) / n (Wortsman et al. 2023)                     no                none
+softmax_null   exp(s) / (1 + Σ exp(s)): a null key of logit 0 and     at most one       none
+               value 0 (fairseq's add_zero_attn)
 =============  =====================================================  ================  ===============
+
+n is the number of keys a query may attend to (the unmasked ones: the source length, or t for the t-th target
+position under the causal mask), so that a decoding step sees the n of the full forward. sigmoid, relu_len and
+softmax_null are the controls for ReLA's switched-off heads: each can put (almost) no weight on any key without a
+norm or gate (docs/method.md).
 
 Each module records its settings in the checkpoint (``get_extra_state``); loading weights trained with other settings
 fails with a message naming both, unless ``allow_change`` is set and the parameters still fit.
@@ -111,6 +120,8 @@ def _param_names_under(state_dict: dict, prefix: str) -> list[str]:
 
 def _describe_settings(settings: dict) -> str:
     name = settings.get("attn_fn", "?")
+    if name == "sigmoid":
+        return f"sigmoid (bias: {settings.get('bias')})"
     if name == "rela":
         gate = "gated" if settings.get("gate") else "no gate"
         return (f"rela ({settings.get('activation')}, norm={settings.get('norm')}, "
@@ -201,8 +212,74 @@ class Rela(AttentionFunction):
         return _describe_settings(self.settings())
 
 
+def unmasked_keys(scores: torch.Tensor) -> torch.Tensor:
+    """n per query [B, H, T, 1]: the keys whose score is not masked (-inf), at least 1 (a row with every key masked
+    gets weight 0 everywhere, not 0/0). Not ``isfinite``: a score that overflowed to +inf in fp16 is still a key."""
+    return (~torch.isneginf(scores)).sum(dim=-1, keepdim=True).clamp(min=1).to(scores.dtype)
+
+
+class Sigmoid(AttentionFunction):
+    """σ(s + b) per key, without normalisation (Ramapuram et al., "Theory, Analysis, and Best Practices for Sigmoid
+    Self-Attention", ICLR 2025): b = -log n, their recommended bias, or (``--sigmoid-bias learned``) -log n plus a bias
+    learned per head, starting at 0 (so an untrained model equals the default)."""
+
+    name = "sigmoid"
+    sums_to_one = False
+
+    def __init__(self, num_heads: int, bias: str):
+        super().__init__()
+        if bias not in SIGMOID_BIASES:
+            raise RelaConfigError(f"unknown --sigmoid-bias {bias!r}; choose one of {', '.join(SIGMOID_BIASES)}")
+        self.bias = nn.Parameter(torch.zeros(num_heads)) if bias == "learned" else None
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        scores = at_least_fp32(scores)  # masked keys: σ(-inf) = 0 exactly, and a zero gradient
+        logits = scores - torch.log(unmasked_keys(scores))
+        if self.bias is not None:
+            logits = logits + self.bias.to(logits.dtype).view(1, -1, 1, 1)
+        return torch.sigmoid(logits)
+
+    def settings(self) -> dict:
+        return dict(super().settings(), bias="learned" if self.bias is not None else "length")
+
+    def describe(self) -> str:
+        return _describe_settings(self.settings())
+
+
+class ReluLength(AttentionFunction):
+    """ReLU(s) / n (Wortsman et al., "Replacing softmax with ReLU in Vision Transformers", 2023): ReLA's ReLU with
+    their scaling by the sequence length instead of a norm and gate."""
+
+    name = "relu_len"
+    sums_to_one = False
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        scores = at_least_fp32(scores)  # masked keys: ReLU(-inf) = 0 exactly, and a zero gradient
+        return F.relu(scores) / unmasked_keys(scores)
+
+
+class SoftmaxNull(AttentionFunction):
+    """Softmax over the keys and one more, of logit 0 and value 0: exp(s_i) / (1 + Σ_j exp(s_j)). The weight left
+    for that null key, 1 / (1 + Σ_j exp(s_j)), attends to nothing. fairseq's ``add_zero_attn`` (x-transformers'
+    ``add_zero_kv``) appends that key to the inputs; here it is the mapping, so that every route (the weights asked
+    for, incremental decoding, the analyses) treats it alike."""
+
+    name = "softmax_null"
+    sums_to_one = False
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        scores = at_least_fp32(scores)
+        # stable: shift by max(0, max_j s_j); the null key's exp(0 - m) stays in the denominator
+        shift = scores.amax(dim=-1, keepdim=True).clamp(min=0.0)
+        exp = torch.exp(scores - shift)  # masked keys: exp(-inf) = 0
+        return exp / (torch.exp(-shift) + exp.sum(dim=-1, keepdim=True))
+
+
+SIGMOID_BIASES = ("length", "learned")
+
 ATTENTION_FUNCTIONS: dict[str, type[AttentionFunction]] = {
-    cls.name: cls for cls in (Softmax, Sparsemax, Entmax15, EntmaxAlpha, Rela)}
+    cls.name: cls for cls in (Softmax, Sparsemax, Entmax15, EntmaxAlpha, Rela, Sigmoid, ReluLength, SoftmaxNull)}
+
 
 
 def build_attention_function(embed_dim: int, num_heads: int, settings: AttentionSettings) -> AttentionFunction:
@@ -212,6 +289,8 @@ def build_attention_function(embed_dim: int, num_heads: int, settings: Attention
         fn = Rela(embed_dim, num_heads, settings)
     elif settings.attn_fn == "entmax_alpha":
         fn = EntmaxAlpha(num_heads, alpha_init=settings.entmax_alpha_init, n_iter=settings.entmax_bisect_iters)
+    elif settings.attn_fn == "sigmoid":
+        fn = Sigmoid(num_heads, settings.sigmoid_bias)
     else:
         fn = ATTENTION_FUNCTIONS[settings.attn_fn]()
     fn.allow_change = settings.allow_attn_fn_change

@@ -22,7 +22,7 @@ from fairseq.utils import safe_getattr
 from rela_tools.attention_types import ATTENTION_TYPE, ATTENTION_TYPES
 from rela_tools.errors import RelaConfigError
 
-from .attention_functions import ATTENTION_FUNCTIONS
+from .attention_functions import ATTENTION_FUNCTIONS, SIGMOID_BIASES
 from .kernels import KERNELS
 from .rela import ACTIVATIONS, GAIN_INITS, NORM_SCOPES, NORMS, VARIANTS
 
@@ -50,6 +50,9 @@ class AttentionSettings(FairseqDataclass):
                                           "compiled on first use), eager (PyTorch operators), or auto (fused where "
                                           "available, else eager with a one-line message); same results. The "
                                           "environment variable RELA_FAIRSEQ_KERNEL overrides it"})
+    sigmoid_bias: ChoiceEnum(SIGMOID_BIASES) = field(  # type: ignore[valid-type]
+        default="length", metadata={"help": "sigmoid attention's bias: length, b = -log n (n the unmasked keys, "
+                                            "Ramapuram et al. 2025); learned: -log n plus a bias learned per head"})
     entmax_alpha_init: float = field(
         default=1.5, metadata={"help": "initial alpha of entmax_alpha, in (1, 2)"})
     entmax_bisect_iters: int = field(default=25, metadata={"help": "bisection iterations of entmax_alpha"})

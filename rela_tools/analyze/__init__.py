@@ -13,6 +13,11 @@ Command line: ``rela-analyze {attention,align,aer,plot}`` (``python -m rela_tool
 import importlib
 from typing import Any, List
 
+# soft switch-off (metrics.py): a query row whose weights sum to less than NEAR_NULL_MASS counts as near-null; the
+# row-mass histogram's left edges (the last bin is open). Here, without torch: rela-analyze's text output reads them.
+NEAR_NULL_MASS = 0.01
+MASS_BINS = (0.0, 1e-3, 1e-2, 0.1, 0.5, 1.0, 2.0)
+
 # Imported on first use (PEP 562): the model-reading half needs torch and fairseq, which rela-analyze's AER scorer and
 # its plots of saved statistics never touch (rela_fairseq/__init__.py).
 _EXPORTS = {"AlignmentSettings": "analysis", "Analysis": "analysis", "analyse": "analysis",

@@ -7,7 +7,9 @@ The reference is teacher-forced. For target subword y_i:
 
 The link goes to the argmax over the source subwords, EOS and padding excluded. A row with no weight on any source
 subword (a null ReLA row, or one that attends to EOS only) emits **no link**: fairseq's ``--print-alignment`` would
-pick position 0 there. Subword links become word links (a word pair is aligned if any of their subwords are), for
+pick position 0 there. ``null_threshold`` extends that to rows with almost no weight (sigmoid, softmax+null): a row
+whose weights on the source subwords sum to at most it emits no link either (0 by default: exactly no weight).
+Subword links become word links (a word pair is aligned if any of their subwords are), for
 sentencepiece (``▁`` starts a word) and subword-nmt BPE (``@@`` continues one). Per layer: every head, and the head
 average. ``swap`` writes (target word, source word) pairs, for gold sets in the other direction (RWTH De-En is
 German-first: an En→De model's links are swapped).
@@ -82,20 +84,21 @@ def read_subword_text(prefix: str, languages: tuple[str, str], n_sentences: int)
     return sides[0], sides[1]
 
 
-def hard_links(rows: torch.Tensor, target_positions: Sequence[int], shifted: bool) -> set[tuple[int, int]]:
+def hard_links(rows: torch.Tensor, target_positions: Sequence[int], shifted: bool,
+               null_threshold: float = 0.0) -> set[tuple[int, int]]:
     """Subword links {(source subword, target subword)} from cross-attention ``rows`` [T, S'] of one sentence.
 
     ``rows`` holds only the real source subwords as columns (EOS and padding already removed) and one row per
     decoder step (padding included); ``target_positions`` are the steps that predict the real target subwords (EOS
-    and padding excluded: 0..n-1 for fairseq's right-padded targets), and the i-th of them is target subword i."""
+    and padding excluded: 0..n-1 for fairseq's right-padded targets), and the i-th of them is target subword i. A row
+    whose weights sum to at most ``null_threshold`` aligns nothing."""
     links: set[tuple[int, int]] = set()
     if rows.size(-1) == 0:
         return links
     for i, position in enumerate(target_positions):
         row = rows[position + 1] if shifted else rows[position]
-        best = int(row.argmax())
-        if row[best] > 0:  # a row without weight on any source word aligns nothing
-            links.add((best, i))
+        if float(row.sum()) > null_threshold:  # a row without (enough) weight on the source words aligns nothing
+            links.add((int(row.argmax()), i))
     return links
 
 
@@ -109,7 +112,7 @@ class AlignmentCollector:
     """Word links per setting (layer, head or 'avg', 'normal' | 'shifted') and sentence id."""
 
     def __init__(self, src_dict: Any, tgt_dict: Any, segmentation: str = "auto", swap: bool = False,
-                 subword_text: tuple[list, list] | None = None) -> None:
+                 subword_text: tuple[list, list] | None = None, null_threshold: float = 0.0) -> None:
         """``subword_text``: (source, target) subword lists per sentence id (``read_subword_text``), or None to read
         the subwords from the dictionaries."""
         self.src_dict, self.tgt_dict = src_dict, tgt_dict
@@ -117,6 +120,7 @@ class AlignmentCollector:
             segmentation = detect_segmentation([src_dict.symbols, tgt_dict.symbols])
         self.segmentation, self.swap = segmentation, swap
         self.subword_text = subword_text
+        self.null_threshold = null_threshold
         # setting -> {sentence id: set of word links}
         self.links: defaultdict[tuple[int, int | str, str], dict[int, set[tuple[int, int]]]] = defaultdict(dict)
         # sentence id -> (source subwords, target subwords, source words, target words)
@@ -147,7 +151,7 @@ class AlignmentCollector:
                 heads["avg"] = rows.mean(0)
                 for head, head_rows in heads.items():
                     for mode in ("normal", "shifted"):
-                        links = hard_links(head_rows, target_rows, mode == "shifted")
+                        links = hard_links(head_rows, target_rows, mode == "shifted", self.null_threshold)
                         self.links[(layer, head, mode)][sid] = to_words(links, src_words, tgt_words, self.swap)
 
     def _text_tokens(self, side: int, sid: int, binarised: list[str]) -> list[str]:

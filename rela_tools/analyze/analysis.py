@@ -18,6 +18,7 @@ class AlignmentSettings(NamedTuple):
     swap: bool = False  # the gold has the other direction: write (target, source) pairs
     segmentation: str = "auto"  # subword style for the word mapping (align.SEGMENTATIONS)
     subword_text: Optional[str] = None  # PREFIX of the subword text the subset was binarised from (PREFIX.SRC, .TGT)
+    null_threshold: float = 0.0  # a row whose weights on the source sum to at most this aligns nothing (align.py)
 
 
 class Analysis(NamedTuple):
@@ -44,7 +45,7 @@ def analyse(model: Any, task: Any, subset: str = "test", alignment: AlignmentSet
             languages = (task.cfg.source_lang, task.cfg.target_lang)
             text = read_subword_text(alignment.subword_text, languages, len(task.dataset(subset)))
         collector = AlignmentCollector(task.source_dictionary, task.target_dictionary, alignment.segmentation,
-                                       alignment.swap, text)
+                                       alignment.swap, text, alignment.null_threshold)
     with _progress(task, subset, progress) as bar:
         for batch in forced_batches(model, task, subset, max_tokens):
             for (attention_type, layer), weights in batch.attention.items():

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from ..attention_types import ATTENTION_TYPE, ATTENTION_TYPES
 from ..errors import RelaFairseqError
+from . import NEAR_NULL_MASS
 from .align import SEGMENTATIONS
 
 
@@ -39,7 +40,9 @@ def attention_table(summary: dict, label: str = "") -> str:
         o = data["overall"]
         lines.append("")
         lines.append(f"{ATTENTION_TYPE[attention_type].label}: sparsity {_pct(o['sparsity']).strip()}, null rate "
-                     f"{_pct(o['null_rate']).strip()}, JS {_num(o['js'])}")
+                     f"{_pct(o['null_rate']).strip()}, near-null rate {_pct(o.get('near_null_rate')).strip()} "
+                     f"(row mass < {summary.get('near_null_mass', NEAR_NULL_MASS)}), mean row mass "
+                     f"{_num(o.get('mass'))}, JS {_num(o['js'])}")
         lines.append("  layer  sparsity  null rate     JS  JS(null=uniform)  per head: sparsity/null")
         for row in data["layers"]:
             heads = "  ".join(f"h{h['head']} {_pct(h['sparsity']).strip()}/{_pct(h['null_rate']).strip()}"
@@ -102,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "<unk> loses; needed when the subset has <unk>")
     p.add_argument("--output-dir", help="where to write the best settings' alignments (default: beside the "
                                         "checkpoint, alignments-<subset>/)")
+    p.add_argument("--null-threshold", type=float, default=0.0, metavar="MASS",
+                   help="a cross-attention row whose weights on the source words sum to at most MASS aligns nothing, "
+                        "as a null ReLA row (default 0: only rows with no weight at all). For functions that switch "
+                        f"off softly (sigmoid, softmax_null) e.g. {NEAR_NULL_MASS}, the near-null threshold of "
+                        "`attention`")
 
     p = sub.add_parser("aer", help="alignment error rate of a hypothesis file against a gold file")
     p.add_argument("gold")
@@ -189,7 +197,8 @@ def _align(args: argparse.Namespace, model: Any, task: Any) -> int:
     from .align import links_text
     from .analysis import AlignmentSettings, analyse
 
-    settings = AlignmentSettings(args.gold, args.gold_index_base, args.swap, args.segmentation, args.subword_text)
+    settings = AlignmentSettings(args.gold, args.gold_index_base, args.swap, args.segmentation, args.subword_text,
+                                 args.null_threshold)
     result = analyse(model, task, args.gen_subset, settings, max_tokens=args.max_tokens, progress=not args.json)
     summary, collector = result.alignment, result.collector
     assert summary is not None and collector is not None  # a gold set was given

@@ -5,6 +5,12 @@ self-attention. Weights are eval-mode, pre-dropout, fp32.
 
 * sparsity rate  = #(valid pairs with weight exactly 0) / #(valid pairs)
 * null rate      = #(valid queries whose whole row is 0) / #(valid queries)
+* row mass       = the sum of a valid query's weights over its valid keys: 1 for the normalised functions, the share
+  of the values that reaches the output for sigmoid, ReLU/n and softmax+null (whose null key takes the rest), 0 for
+  a null row; reported as its mean, a histogram (MASS_BINS) and the
+* near-null rate = #(valid queries whose row mass is below NEAR_NULL_MASS) / #(valid queries): a soft "switch-off"
+  (sigmoid, the null slot) beside ReLA's exact one. ReLA's weights are not normalised (its norm rescales the output
+  after them), so for ReLA only the exact null rate says "off"; its row mass is reported all the same.
 * JS diversity   = Entropy(mean_h p_h) - mean_h Entropy(p_h) per query over the H heads of a layer (the generalised
   Jensen-Shannon divergence of Correia et al. 2019), averaged over queries, in nats (natural logarithm; divide by
   ln 2 for bits). ReLA rows are renormalised to sum to 1; null heads are left out and a query with fewer than two
@@ -20,6 +26,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..attention_types import ATTENTION_TYPES
+from . import MASS_BINS, NEAR_NULL_MASS
 
 LOG_BASE = "e (nats)"
 
@@ -75,6 +82,9 @@ class AttentionStats:
                 "zero_pairs": torch.zeros(heads, dtype=torch.float64),
                 "queries": torch.zeros(heads, dtype=torch.float64),
                 "null_queries": torch.zeros(heads, dtype=torch.float64),
+                "near_null_queries": torch.zeros(heads, dtype=torch.float64),
+                "mass_sum": torch.zeros(heads, dtype=torch.float64),
+                "mass_counts": torch.zeros(len(MASS_BINS), dtype=torch.float64),
                 "js_sum": 0.0, "js_queries": 0, "js_uniform_sum": 0.0, "js_uniform_queries": 0,
             }
         return self.sums[key]
@@ -91,6 +101,13 @@ class AttentionStats:
         row_live = ((weights != 0) & valid).any(-1)  # [B, H, T]
         slot["queries"] += query_valid.sum().double().expand(heads)
         slot["null_queries"] += ((~row_live) & query_valid[:, None]).sum((0, 2)).double()
+        mass = (weights.double() * valid).sum(-1)  # [B, H, T]
+        counted = query_valid[:, None].expand_as(mass)
+        slot["near_null_queries"] += ((mass < NEAR_NULL_MASS) & counted).sum((0, 2)).double()
+        slot["mass_sum"] += (mass * counted).sum((0, 2))
+        edges = torch.tensor(MASS_BINS[1:], dtype=torch.float64, device=mass.device)
+        bins = torch.bucketize(mass[counted], edges, right=True)  # i: MASS_BINS[i] <= mass < MASS_BINS[i + 1]
+        slot["mass_counts"] += torch.bincount(bins, minlength=len(MASS_BINS)).double().cpu()
         js, n = js_per_query(weights, pairs)
         slot["js_sum"] += float(js.sum())
         slot["js_queries"] += n
@@ -100,35 +117,46 @@ class AttentionStats:
 
     def summary(self) -> dict[str, Any]:
         """Nested dict: {type: {overall: {...}, layers: [{layer, sparsity, null_rate, js, heads: [...]}, ...]}}."""
-        out: dict[str, Any] = {"log_base": LOG_BASE, "types": {}}
+        out: dict[str, Any] = {"log_base": LOG_BASE, "near_null_mass": NEAR_NULL_MASS, "types": {}}
         for attention_type in (t.name for t in ATTENTION_TYPES):
             layers = sorted(layer for k, layer in self.sums if k == attention_type)
             if not layers:
                 continue
             rows: list[dict[str, Any]] = []
-            total: dict[str, float] = {"pairs": 0.0, "zero_pairs": 0.0, "queries": 0.0, "null_queries": 0.0,
-                                       "js_sum": 0.0, "js_queries": 0}
+            total: dict[str, Any] = {"pairs": 0.0, "zero_pairs": 0.0, "queries": 0.0, "null_queries": 0.0,
+                                     "near_null_queries": 0.0, "mass_sum": 0.0, "js_sum": 0.0, "js_queries": 0,
+                                     "mass_counts": torch.zeros(len(MASS_BINS), dtype=torch.float64)}
             for layer in layers:
                 s = self.sums[(attention_type, layer)]
                 heads = [{"head": h, "sparsity": _ratio(s["zero_pairs"][h], s["pairs"][h]),
-                          "null_rate": _ratio(s["null_queries"][h], s["queries"][h])}
+                          "null_rate": _ratio(s["null_queries"][h], s["queries"][h]),
+                          "near_null_rate": _ratio(s["near_null_queries"][h], s["queries"][h]),
+                          "mass": _ratio(s["mass_sum"][h], s["queries"][h])}
                          for h in range(len(s["pairs"]))]
                 rows.append({
                     "layer": layer,
                     "sparsity": _ratio(s["zero_pairs"].sum(), s["pairs"].sum()),
                     "null_rate": _ratio(s["null_queries"].sum(), s["queries"].sum()),
+                    "near_null_rate": _ratio(s["near_null_queries"].sum(), s["queries"].sum()),
+                    "mass": _ratio(s["mass_sum"].sum(), s["queries"].sum()),
                     "js": _ratio(s["js_sum"], s["js_queries"]),
                     "js_queries": s["js_queries"],
                     "js_null_as_uniform": _ratio(s["js_uniform_sum"], s["js_uniform_queries"]),
                     "heads": heads,
                 })
-                for key in ("pairs", "zero_pairs", "queries", "null_queries"):
+                for key in ("pairs", "zero_pairs", "queries", "null_queries", "near_null_queries", "mass_sum"):
                     total[key] += float(s[key].sum())
+                total["mass_counts"] += s["mass_counts"]
                 total["js_sum"] += s["js_sum"]
                 total["js_queries"] += s["js_queries"]
             out["types"][attention_type] = {
                 "overall": {"sparsity": _ratio(total["zero_pairs"], total["pairs"]),
                             "null_rate": _ratio(total["null_queries"], total["queries"]),
+                            "near_null_rate": _ratio(total["near_null_queries"], total["queries"]),
+                            "mass": _ratio(total["mass_sum"], total["queries"]),
+                            # queries (all heads) per bin: MASS_BINS[i] <= row mass < MASS_BINS[i + 1]
+                            "mass_histogram": {"edges": list(MASS_BINS),
+                                               "queries": [int(c) for c in total["mass_counts"].tolist()]},
                             "js": _ratio(total["js_sum"], total["js_queries"]),
                             "valid_pairs": int(total["pairs"])},
                 "layers": rows,

@@ -94,7 +94,8 @@ def _heatmap_panel(fig: Any, ax: Any, cmap: Any, w: Any, src_tokens: Sequence[st
 
 
 def layer_head_stats(summaries: dict[str, dict], path: str, metric: str = "sparsity", pdf: bool = False) -> list[str]:
-    """A layer × head grid of ``metric`` (sparsity | null_rate) per attention type, one row of panels per model.
+    """A layer × head grid of ``metric`` (sparsity | null_rate | near_null_rate) per attention type, one row of panels
+    per model.
 
     ``summaries``: {label: AttentionStats.summary()}."""
     plt = _pyplot()
@@ -111,7 +112,7 @@ def layer_head_stats(summaries: dict[str, dict], path: str, metric: str = "spars
             if not layers:
                 ax.axis("off")
                 continue
-            grid = np.array([[h[metric] if h[metric] is not None else np.nan for h in layer["heads"]]
+            grid = np.array([[h[metric] if h.get(metric) is not None else np.nan for h in layer["heads"]]
                              for layer in layers]) * 100
             image = ax.imshow(grid, cmap="magma", vmin=0, vmax=100, aspect="auto")
             for (i, j), value in np.ndenumerate(grid):

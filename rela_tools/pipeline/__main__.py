@@ -11,7 +11,7 @@ import logging
 import sys
 
 from ..errors import RelaFairseqError
-from ..systems import SYSTEMS
+from ..systems import PAPER_SYSTEMS, SYSTEMS
 
 EPILOG = """environment:
   DATA_ROOT, CHECKPOINT_ROOT, RESULTS_ROOT   where data, checkpoints and results go (default: work/ in the project)
@@ -74,31 +74,30 @@ def build_parser() -> argparse.ArgumentParser:
     add("evaluate", "average the last checkpoints, decode the test set, score with SacreBLEU and chrF", seed=True)
     p = add("reproduce", "prepare, train and evaluate in a row", extra=True, seed=True)
     p.add_argument("--mirror", help="as for prepare")
-    p = sub.add_parser("compare", help="train, evaluate and analyse several systems on one task; one table",
-                       description="train what is missing, evaluate, analyse attention, measure speed against "
-                                   "softmax, and print one table (written with a JSON and plots beside it)",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("task", metavar="TASK", help=f"one of: {tasks}")
-    p.add_argument("systems", metavar="SYSTEM", nargs="*", help=f"default: all six ({systems})")
-    p.add_argument("--seeds", type=int, default=1, help="train each system with this many seeds and report mean ± "
-                                                        "standard deviation (default 1)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP)
+    def several_systems(name: str, help: str, description: str, seeds_help: str) -> argparse.ArgumentParser:
+        """compare and tune: a task, the systems (the paper's six by default), seeds, --set and --mirror."""
+        p = sub.add_parser(name, help=help, description=description, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("task", metavar="TASK", help=f"one of: {tasks}")
+        p.add_argument("systems", metavar="SYSTEM", nargs="*",
+                       help=f"one or more of: {systems} (default: the paper's six, {', '.join(PAPER_SYSTEMS)})")
+        p.add_argument("--seeds", type=int, default=1, help=seeds_help)
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP)
+        p.add_argument("--mirror", help="as for prepare")
+        return p
+
+    p = several_systems("compare", "train, evaluate and analyse several systems on one task; one table",
+                        "train what is missing, evaluate, analyse attention, measure speed against softmax, and "
+                        "print one table (written with a JSON and plots beside it)",
+                        "train each system with this many seeds and report mean ± standard deviation (default 1)")
     p.add_argument("--shared-setting", action="store_true",
                    help="ignore tune.sh's choices: every system at the config's settings (its systems block applies)")
-    p.add_argument("--mirror", help="as for prepare")
-    p = sub.add_parser("tune", help="tune every system the same way on the validation set: the config's tune.grid",
-                       description="train each system at every point of the config's tune.grid (each in a folder "
-                                   "of its own), score every run on the validation set only, choose the best point "
-                                   "per system and write it where compare.sh, train.sh and evaluate.sh pick it up "
-                                   "(RESULTS_ROOT/TASK/tune/tuned.json); prints the grid's table (tune.md, "
-                                   "tune.json). QUICK=1: two points",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("task", metavar="TASK", help=f"one of: {tasks}")
-    p.add_argument("systems", metavar="SYSTEM", nargs="*", help=f"default: all six ({systems})")
-    p.add_argument("--seeds", type=int, default=1, help="train every point with this many seeds; the choice takes "
-                                                        "their mean (default 1)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP)
-    p.add_argument("--mirror", help="as for prepare")
+    several_systems("tune", "tune every system the same way on the validation set: the config's tune.grid",
+                    "train each system at every point of the config's tune.grid (each in a folder of its own), score "
+                    "every run on the validation set only, choose the best point per system and write it where "
+                    "compare.sh, train.sh and evaluate.sh pick it up (RESULTS_ROOT/TASK/tune/tuned.json); prints "
+                    "the grid's table (tune.md, tune.json). QUICK=1: two points",
+                    "train every point with this many seeds; the choice takes their mean (default 1)")
     p = sub.add_parser("results", help="all JSON results as a Markdown table beside the paper's numbers")
     p.add_argument("--output", help="also write the table to this file")
     return parser
@@ -182,14 +181,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tune":
             from .tune import grid_points, tune
 
-            for system in args.systems or list(SYSTEMS):
+            for system in args.systems or list(PAPER_SYSTEMS):
                 grid_points(task, system)  # a task without a grid: an error before anything runs
-            tune(task, args.systems or list(SYSTEMS), seeds=args.seeds, mirror=args.mirror)
+            tune(task, args.systems or list(PAPER_SYSTEMS), seeds=args.seeds, mirror=args.mirror)
             return 0
         from .compare import compare
 
         task.use_tuned = not args.shared_setting
-        compare(task, args.systems or list(SYSTEMS), seeds=args.seeds, mirror=args.mirror)
+        compare(task, args.systems or list(PAPER_SYSTEMS), seeds=args.seeds, mirror=args.mirror)
         return 0
     if getattr(args, "system", None):
         get_system(args.system)

@@ -246,6 +246,8 @@ def _summary(system: str, setting: Setting, runs: list[dict], analysis: dict, sp
         "speed_raw": speed,
         "sparsity": {t.name: types[t.name]["overall"]["sparsity"] for t in ATTENTION_TYPES if t.name in types},
         "null_rate": {t.name: types[t.name]["overall"]["null_rate"] for t in ATTENTION_TYPES if t.name in types},
+        "near_null_rate": {t.name: types[t.name]["overall"].get("near_null_rate") for t in ATTENTION_TYPES
+                           if t.name in types},
         "js": {t.name: types[t.name]["overall"]["js"] for t in ATTENTION_TYPES if t.name in types},
         "overall_sparsity": attention.get("overall_sparsity"),
         "aer": alignment and {key: alignment[key] for key in ("best_normal", "best_shifted")},
@@ -257,7 +259,7 @@ def _plots(task: Task, systems: list[str], analyses: dict, out_dir: str) -> list
 
     labelled = {LABELS[s]: analyses[s]["attention"] for s in systems}
     written = []
-    for metric in ("sparsity", "null_rate"):
+    for metric in ("sparsity", "null_rate", "near_null_rate"):
         written += plots.layer_head_stats(labelled, os.path.join(out_dir, f"{metric}.png"), metric)
     alignments = {LABELS[s]: analyses[s]["alignment"] for s in systems if analyses[s]["alignment"]}
     if alignments:

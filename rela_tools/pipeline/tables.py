@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 
+from ..analyze import NEAR_NULL_MASS
 from ..attention_types import ATTENTION_TYPES
 from ..systems import LABELS, SYSTEMS
 from .config import format_value
@@ -55,12 +56,12 @@ def compare_table(report: dict) -> str:
     short = "/".join(t.short for t in ATTENTION_TYPES)
     with_aer = any(s.get("aer") for s in report["systems"].values())
     header = ["system", "setting", "seeds", "BLEU", "chrF", "BP", "train ×softmax", "decode ×softmax",
-              f"sparsity % ({short})", f"null rate % ({short})", f"JS nats ({short})",
+              f"sparsity % ({short})", f"null rate % ({short})", f"near-null % ({short})", f"JS nats ({short})",
               *(["AER % (normal / shifted)"] if with_aer else []), "train min"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in report["systems"].values():
-        per_type = [" / ".join(fmt(s[key].get(t.name)) for t in ATTENTION_TYPES)
-                    for key, fmt in (("sparsity", pct), ("null_rate", pct), ("js", num))]
+        per_type = [" / ".join(fmt((s.get(key) or {}).get(t.name)) for t in ATTENTION_TYPES)
+                    for key, fmt in (("sparsity", pct), ("null_rate", pct), ("near_null_rate", pct), ("js", num))]
         minutes = s["train_seconds"]["mean"]
         setting = s.get("setting") or {"describe": "shared", "source": "shared"}
         setting_text = setting["describe"] + ("" if setting["source"] == "shared" else f" ({setting['source']})")
@@ -81,7 +82,9 @@ def compare_table(report: dict) -> str:
         f"BP: brevity penalty. Speed: fairseq's own words/s (training, {speed['updates']} updates from scratch) and "
         f"sentences/s (decoding, about {speed['sentences']} test sentences, beam as evaluated) relative to softmax, "
         f"median over {speed['rounds']} interleaved rounds in the same run. Sparsity and null rate over valid "
-        "query-key pairs of the test set (teacher-forced, first seed); JS head diversity in nats. "
+        "query-key pairs of the test set (teacher-forced, first seed); near-null: the share of query rows whose "
+        f"weights sum to less than {NEAR_NULL_MASS} (a soft switch-off; ReLA's are exact: its null rate); JS head "
+        "diversity in nats. "
         + ("AER: alignment error rate against the gold word alignments of the test set, of the cross-attention layer "
            "and head (hN, or avg: the heads' average) that align best, reading each target word's alignment from the "
            "attention of the step that predicts it (normal) or of the step after (shifted), as docs/analysis.md "

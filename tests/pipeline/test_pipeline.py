@@ -49,6 +49,7 @@ def test_main_job_is_the_comparison_multi30k_runs_with_the_toy_tasks_aer(quick_r
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith("| system |"))
     for column in ("BLEU", "chrF", "BP", "sparsity % (enc/dec/cross)", "null rate % (enc/dec/cross)",
+                   "near-null % (enc/dec/cross)",
                    "JS nats (enc/dec/cross)", "AER % (normal / shifted)"):
         assert f"| {column} |" in header, column
     rows = {line.split("|")[1].strip(): line.split("|") for line in lines if line.startswith("| ")}
@@ -58,7 +59,7 @@ def test_main_job_is_the_comparison_multi30k_runs_with_the_toy_tasks_aer(quick_r
     assert re.fullmatch(r" \d+\.\d \(L\d (avg|h\d)\) / \d+\.\d \(L\d (avg|h\d)\) ", aer), aer
     assert "AER: alignment error rate against the gold word alignments" in out
     written = set(os.listdir(quick_root / "results" / "toy-quick" / "compare"))
-    assert {"compare.md", "compare.json", "sparsity.png", "null_rate.png", "aer_by_layer.png",
+    assert {"compare.md", "compare.json", "sparsity.png", "null_rate.png", "near_null_rate.png", "aer_by_layer.png",
             "learning_curves.png"} <= written
     # results.sh gathers the JSON results into the paper-style table
     table = run_script("results.sh", "--output", quick_root / "results.md", env=env).stdout

@@ -340,13 +340,13 @@ def test_compare_measures_decoding_speed_again_after_the_evaluate_settings_or_ch
 
 
 def test_the_results_table_says_how_many_seeds_each_score_comes_from():
-    from rela_tools.pipeline.results import markdown_table
+    from rela_tools.pipeline.tables import results_table
 
     def result(system, seed, score):
         return {"task": "wmt16_ro_en", "system": system, "seed": seed, "test_set": "wmt16", "langpair": "ro-en",
                 "sacrebleu": {"score": score, "signature": "nrefs:1|case:mixed|eff:no|tok:13a"}}
 
-    table = markdown_table([result("softmax", 2, 32.0), result("softmax", 1, 30.0), result("rela_g", 2, 29.0),
+    table = results_table([result("softmax", 2, 32.0), result("softmax", 1, 30.0), result("rela_g", 2, 29.0),
                             result("sparsemax", 1, 33.5)], paper={"wmt16_ro_en": {"softmax": 32.7}})
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines()
             if line.startswith("| ") and not line.startswith("| system")}

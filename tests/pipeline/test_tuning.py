@@ -231,14 +231,14 @@ def test_the_paired_bootstrap_tells_a_real_difference_from_resampling_noise():
 
 
 def test_the_results_table_keeps_runs_of_other_settings_apart():
-    from rela_tools.pipeline.results import markdown_table
+    from rela_tools.pipeline.tables import results_table
 
     def result(score, seed, overrides=None):
         return {"task": "toy", "system": "rela_g", "seed": seed, "test_set": "local", "langpair": "src-tgt",
                 "sacrebleu": {"score": score, "signature": "nrefs:1"},
                 **({"setting": {"overrides": overrides}} if overrides else {})}
 
-    table = markdown_table([result(10.0, 1), result(20.0, 1, {"train": {"lr": 0.001}, "evaluate": {"lenpen": 1.0}}),
+    table = results_table([result(10.0, 1), result(20.0, 1, {"train": {"lr": 0.001}, "evaluate": {"lenpen": 1.0}}),
                             result(22.0, 2, {"train": {"lr": 0.001}, "evaluate": {"lenpen": 1.0}})], paper={})
     rows = [line for line in table.splitlines() if line.startswith("| ReLA-g")]
     assert rows == ["| ReLA-g | 10.0 |", "| ReLA-g (lr 0.001, lenpen 1) | 21.0 ± 1.4 (2 seeds) |"], rows

@@ -20,7 +20,7 @@ from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY  # noqa: E4
 
 import rela_fairseq  # noqa: E402,F401  registers the model
 
-ATTN_FNS = ("softmax", "sparsemax", "entmax15", "entmax_alpha", "rela")
+ATTN_FNS = ("softmax", "sparsemax", "entmax15", "entmax_alpha", "rela", "sigmoid", "relu_len", "softmax_null")
 
 
 def attention_function(name, embed_dim, num_heads, **settings):

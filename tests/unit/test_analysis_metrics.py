@@ -44,6 +44,31 @@ def test_sparsity_and_null_rate_count_valid_pairs_only():
     assert s["overall"]["valid_pairs"] == 12
 
 
+def test_row_mass_and_near_null_rate_count_valid_queries_and_keys_only():
+    """The total weight per query row over its valid keys: a soft switch-off (sigmoid, softmax+null) shows as a
+    near-null row (mass < NEAR_NULL_MASS), ReLA's exact one as a null row and a near-null one."""
+    from rela_tools.analyze import MASS_BINS, NEAR_NULL_MASS
+
+    w = torch.tensor([[[0.004, 0.003, 0.0, 9.0],  # 0.007 < 0.01: near-null, not null (the padded key ignored)
+                       [0.0, 0.0, 0.0, 9.0],      # null: mass 0
+                       [9.0, 9.0, 9.0, 9.0]],     # padded query: ignored
+                      [[0.5, 0.2, 0.3, 0.0],      # 1.0
+                       [0.3, 0.2, 0.1, 0.0],      # 0.6
+                       [0.0, 0.0, 0.0, 0.0]]])[None]
+    pairs = valid_pairs(torch.tensor([[True, True, False]]), torch.tensor([[True, True, True, False]]))
+    s = summary_for(w, pairs)
+    heads = s["layers"][0]["heads"]
+    assert NEAR_NULL_MASS == 0.01
+    assert heads[0]["near_null_rate"] == 1.0 and heads[0]["null_rate"] == 0.5
+    assert heads[1]["near_null_rate"] == 0.0
+    assert heads[0]["mass"] == pytest.approx(0.007 / 2) and heads[1]["mass"] == pytest.approx(0.8)
+    assert s["overall"]["near_null_rate"] == 0.5 and s["overall"]["mass"] == pytest.approx(1.607 / 4)
+    histogram = s["overall"]["mass_histogram"]
+    assert histogram["edges"] == list(MASS_BINS)
+    # 0 -> [0, 1e-3), 0.007 -> [1e-3, 1e-2), 0.6 -> [0.5, 1), 1.0 -> [1, 2)
+    assert histogram["queries"] == [1, 1, 0, 0, 1, 1, 0]
+
+
 def test_causal_mask_excludes_future_keys():
     pairs = valid_pairs(torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3, dtype=torch.bool), causal=True)
     assert pairs[0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
@@ -123,6 +148,15 @@ def test_normal_and_shifted_rows_and_null_rows():
     assert hard_links(rows, range(3), shifted=False) == {(1, 0), (0, 2)}
     # shifted: y_i uses the row where it is the decoder input: y0 -> row 1 (null), y1 -> row 2, y2 -> row 3
     assert hard_links(rows, range(3), shifted=True) == {(0, 1), (2, 2)}
+
+
+def test_a_row_with_almost_no_weight_aligns_nothing_under_the_null_threshold():
+    rows = torch.tensor([[0.004, 0.003, 0.001],   # 0.8% in all: a soft switch-off (sigmoid, the null slot)
+                         [0.1, 0.6, 0.2]])
+    assert hard_links(rows, range(2), shifted=False) == {(0, 0), (1, 1)}  # default 0: only an exactly null row
+    assert hard_links(rows, range(2), shifted=False, null_threshold=0.01) == {(1, 1)}
+    exact = torch.tensor([[0.25, 0.25, 0.0]])  # sums exactly to 0.5
+    assert hard_links(exact, [0], shifted=False, null_threshold=0.5) == set()  # at most the threshold: no link
 
 
 def test_argmax_on_a_null_row_would_link_position_zero():

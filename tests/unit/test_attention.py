@@ -45,6 +45,98 @@ def test_rela_weights_are_relu_of_scaled_scores_with_masked_entries_exactly_zero
     assert (weights == 0).any() and (weights > 0).any()
 
 
+# --------------------------------------------------------------------------- the controls beyond the paper
+
+def control_reference(fn, scores, n, bias=None):
+    """The three controls as their papers write them, on scores [B, H, T, S] with masked keys at -inf and n [.., 1]
+    the unmasked keys per query."""
+    if fn == "sigmoid":  # σ(s + b), b = -log n (+ a learned bias per head)
+        b = -torch.log(n) + (0 if bias is None else bias.view(1, -1, 1, 1))
+        return torch.sigmoid(scores + b)
+    if fn == "relu_len":  # ReLU(s) / n
+        return F.relu(scores) / n
+    with_null = torch.cat([scores, torch.zeros_like(scores[..., :1])], dim=-1)  # one more key, of logit 0
+    return F.softmax(with_null, dim=-1)[..., :-1]
+
+
+@pytest.mark.parametrize("fn", ["sigmoid", "relu_len", "softmax_null"])
+@pytest.mark.parametrize("mask", ["padding", "causal"])
+def test_controls_match_their_papers_definitions_and_n_counts_the_unmasked_keys(fn, mask):
+    module = make_attention(fn)
+    x = torch.randn(6, 3, EMBED)
+    scores = hand_scores(module, x, x)
+    if mask == "padding":
+        padding = padding_mask([6, 4, 2], 6)
+        blocked = padding[:, None, None, :].expand(-1, HEADS, 6, -1)
+        _, weights = self_attend(module, x, padding, need_head_weights=True)
+    else:
+        blocked = torch.ones(6, 6, dtype=torch.bool).triu(1).expand(3, HEADS, 6, 6)
+        _, weights = self_attend(module, x, attn_mask=torch.zeros(6, 6).masked_fill(blocked[0, 0], float("-inf")),
+                                 need_head_weights=True)
+    n = (~blocked).sum(-1, keepdim=True).float()  # padding: the sentence's length; causal: t + 1 for query t
+    expected = control_reference(fn, scores.masked_fill(blocked, float("-inf")), n)
+    weights = weights.transpose(0, 1)
+    torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6)
+    assert (weights[blocked] == 0).all()
+    row_sums = weights.sum(-1)
+    assert (row_sums < 1).all() if fn == "softmax_null" else not torch.allclose(row_sums, torch.ones_like(row_sums))
+
+
+@pytest.mark.parametrize("fn", ["sigmoid", "relu_len", "softmax_null"])
+def test_controls_under_bf16_autocast_are_finite_and_masked_keys_get_nothing(fn):
+    module = make_attention(fn)
+    x = torch.randn(5, 2, EMBED, requires_grad=True)
+    padding = padding_mask([5, 3], 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, weights = self_attend(module, x, padding, need_head_weights=True)
+    assert weights.dtype == torch.float32 and (weights[:, 1, :, 3:] == 0).all()  # computed in fp32 at least
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+
+
+def test_softmax_null_is_fairseqs_add_zero_attn():
+    """fairseq's MultiheadAttention with add_zero_attn appends a key and a value of zeros: logit q·0 = 0, value 0."""
+    from fairseq.modules import MultiheadAttention
+
+    ours = make_attention("softmax_null", rela_kernel="eager")
+    stock = MultiheadAttention(EMBED, HEADS, self_attention=True, add_zero_attn=True)
+    stock.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("attn_fn.")})
+    stock.eval()
+    x = torch.randn(5, 2, EMBED)
+    padding = padding_mask([5, 3], 5)
+    with torch.no_grad():
+        stock_out = self_attend(stock, x, padding, need_weights=False)[0]
+    for need_weights in (False, True):  # the eager route with and without the weights asked for
+        torch.testing.assert_close(self_attend(ours, x, padding, need_weights=need_weights)[0], stock_out,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_sigmoid_learned_bias_is_one_per_head_and_starts_at_the_default():
+    default, learned = (make_attention("sigmoid", seed=3, sigmoid_bias=b) for b in ("length", "learned"))
+    assert list(dict(default.attn_fn.named_parameters())) == []
+    bias = learned.attn_fn.bias
+    assert bias.shape == (HEADS,)
+    with torch.no_grad():  # the same seed: the same projections
+        bias.zero_()
+    x = torch.randn(4, 2, EMBED)
+    torch.testing.assert_close(self_attend(learned, x)[0], self_attend(default, x)[0])
+    with torch.no_grad():
+        bias.copy_(torch.tensor([-2.0, 0.0, 1.0, 3.0]))
+    _, weights = self_attend(learned, x, need_head_weights=True)
+    n = torch.full((1, 1, 1, 1), 4.0)
+    expected = control_reference("sigmoid", hand_scores(learned, x, x), n, bias)
+    torch.testing.assert_close(weights.transpose(0, 1), expected, rtol=1e-5, atol=1e-6)
+    assert learned.attn_fn.settings() == {"attn_fn": "sigmoid", "params": ["bias"], "bias": "learned"}
+
+
+def test_a_bad_sigmoid_bias_is_refused_naming_the_choices():
+    from rela_tools.errors import RelaConfigError
+
+    with pytest.raises(RelaConfigError, match="unknown --sigmoid-bias 'zero'; choose one of length, learned"):
+        make_attention("sigmoid", sigmoid_bias="zero")
+
+
 def test_causal_mask_gives_exact_zeros_and_matches_plain_reference():
     module = make_attention("rela")
     x = torch.randn(5, 2, EMBED)
@@ -164,10 +256,12 @@ def test_null_row_in_fp16_is_finite_and_norm_runs_in_fp32():
 
 
 @pytest.mark.skipif(not _fp16_supported(), reason="this machine's torch has no fp16 matmul")
-def test_a_future_score_that_overflows_in_fp16_is_masked_to_zero_not_nan():
-    """Spec step 3: a masked score becomes exactly 0. fairseq adds its causal mask (-inf) to the scores: a future
-    score that overflowed to +inf in fp16 would become NaN there, and ReLU(NaN) is NaN."""
-    module = make_attention("rela", heads=1, rela_kernel="eager")
+@pytest.mark.parametrize("fn", ["rela", "sigmoid", "relu_len", "softmax_null"])
+def test_a_future_score_that_overflows_in_fp16_is_masked_to_zero_not_nan(fn):
+    """Spec step 3: a masked score becomes exactly 0 (ReLA; -inf for the others, whose weight is then 0). fairseq
+    adds its causal mask (-inf) to the scores: a future score that overflowed to +inf in fp16 would become NaN there,
+    and ReLU(NaN) is NaN."""
+    module = make_attention(fn, heads=1, rela_kernel="eager")
     with torch.no_grad():
         for proj in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
             proj.weight.copy_(torch.eye(EMBED))

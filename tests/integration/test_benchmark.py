@@ -96,3 +96,30 @@ def test_decoding_profile_names_the_kernels_called_outside_autograd(tmp_path):
     ops = {row["op"]: row for row in json.loads(out.read_text())["ops"]}
     for op in ("rela_fairseq::attention_step", "rela_fairseq::norm_forward"):
         assert ops[op]["softmax_ms"] == 0 and ops[op]["system_ms"] > 0, op
+
+
+def test_attention_core_benchmark_against_sdpa_quick(tmp_path):
+    """benchmarks/attention_core.py: the attention core of every element-wise function against torch's SDPA, with a
+    control, in quick mode (no timing is asserted)."""
+    out = tmp_path / "core.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "attention_core.py"), "--quick", "--json",
+                           out], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "**train** (forward + backward): speed × SDPA (> 1: faster), and peak memory × SDPA's" in proc.stdout
+    assert "**decode** (one query against the cached keys, no gradients)" in proc.stdout
+    rows = json.loads(out.read_text())["results"]
+    systems = {"sdpa", "sdpa_control", "rela", "relu2", "rela_eager", "relu_len", "sigmoid"}
+    assert {(r["mode"], r["length"], r["system"]) for r in rows} == {
+        (mode, length, system) for mode in ("train", "decode") for length in (32, 64) for system in systems}
+    for r in rows:
+        assert r["ms"] > 0 and r["speed_vs_sdpa"] > 0
+        assert (r["peak_mb"] is not None) == (r["mode"] == "train")
+        if r["system"] == "sdpa":
+            assert r["speed_vs_sdpa"] == 1.0
+    assert {r["route"] for r in rows if r["system"] in ("rela", "relu2")} == {"fused"}
+
+
+def test_attention_core_benchmark_rejects_bad_arguments():
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "attention_core.py"), "--lengths", "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "--lengths must be at least 1, got [0]" in proc.stderr

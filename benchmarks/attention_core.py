@@ -1,0 +1,254 @@
+#!/usr/bin/env python
+"""The attention core alone (from projected q, k, v to the head outputs) of every element-wise attention function
+against PyTorch's own fused attention, ``torch.nn.functional.scaled_dot_product_attention`` (softmax; on a CPU its
+flash kernel, which applies without a mask or dropout).
+
+One process, the same tensors for every system, the systems interleaved (the order rotating every round); speeds are
+reported as the median over rounds of the ratio to SDPA within the round (> 1: faster than SDPA), beside a second,
+identical SDPA call (``sdpa_control``), whose ratio shows how far two identical systems differ in this run.
+
+* ``train``: forward + backward of O = f(scale · Q Kᵀ) V, [batch × heads, length, d_h], no mask, no dropout;
+* ``decode``: one query against ``length`` cached keys, the step of incremental decoding (no gradients);
+* peak memory of ``train`` (the growth of the process's resident memory, as benchmarks/speed.py measures it).
+
+Each element-wise function runs on the route the plugin takes for it: ReLA's ReLU and squared ReLU through the fused
+kernels (``--rela-kernel auto``), and through PyTorch operators (``rela_eager``, the eager route); ReLU/n and sigmoid
+through PyTorch operators (they have no fused kernel yet). The ``route`` column says which.
+
+    python benchmarks/attention_core.py                    # lengths 128-4096, d_h 32 and 64 (minutes)
+    python benchmarks/attention_core.py --quick            # tiny, seconds (CI)
+    python benchmarks/attention_core.py --lengths 1024 --head-dims 64 --json core.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import speed  # noqa: E402  PeakMemory, environment
+
+# name -> (route, the element-wise function on the scaled scores, or None for SDPA); the fused routes use the kernels
+SYSTEMS: dict[str, tuple[str, Optional[str]]] = {
+    "sdpa": ("torch SDPA (softmax)", None),
+    "sdpa_control": ("torch SDPA (softmax)", None),
+    "rela": ("fused", "relu"),
+    "relu2": ("fused", "relu2"),
+    "rela_eager": ("eager", "relu"),
+    "relu_len": ("eager", "relu_len"),
+    "sigmoid": ("eager", "sigmoid"),
+}
+REFERENCE = "sdpa"
+
+
+def activate(scores: torch.Tensor, function: str) -> torch.Tensor:
+    """The eager element-wise functions of ``rela_fairseq.attention_functions`` on unmasked scores (n = all keys)."""
+    n = scores.size(-1)
+    if function == "relu":
+        return F.relu(scores)
+    if function == "relu2":
+        return F.relu(scores).square()
+    if function == "relu_len":
+        return F.relu(scores) / n
+    return torch.sigmoid(scores - math.log(n))
+
+
+def core(system: str, ext: Any, heads: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """f(q, k, v) -> O for q [B·H, T, d_h], k, v [B·H, S, d_h]."""
+    from rela_fairseq import kernels
+
+    route, function = SYSTEMS[system]
+    if function is None:
+        def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            shape = (-1, heads, *q.shape[1:])
+            return F.scaled_dot_product_attention(q.reshape(shape), k.reshape(-1, heads, *k.shape[1:]),
+                                                  v.reshape(-1, heads, *v.shape[1:])).reshape(q.shape)
+        return sdpa
+    if route == "fused":
+        def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return kernels.fused_attention(ext, q, k, v, heads=heads, scale=q.size(-1) ** -0.5,
+                                           squared=function == "relu2")
+        return fused
+
+    def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scores = torch.bmm(q * q.size(-1) ** -0.5, k.transpose(1, 2))
+        return torch.bmm(activate(scores, function), v)
+    return eager
+
+
+def step(system: str, ext: Any, heads: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One decoding step, q [B·H, 1, d_h] against the cached k, v [B·H, S, d_h], as the plugin runs it: fairseq's
+    scores, then the step kernel (fused) or the function and A·V (eager); SDPA whole."""
+    route, function = SYSTEMS[system]
+    if function is None or route != "fused":
+        return core(system, ext, heads)
+
+    def fused_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scores = torch.bmm(q * q.size(-1) ** -0.5, k.transpose(1, 2)).contiguous()
+        return ext.attention_step(scores, v, heads, function == "relu2")
+    return fused_step
+
+
+def inputs(batch: int, heads: int, length: int, head_dim: int, queries: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch * heads, n, head_dim, generator=gen) for n in (queries, length, length)]
+
+
+def time_train(fn: Callable, tensors: list[torch.Tensor], grad: torch.Tensor) -> float:
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    start = time.perf_counter()
+    fn(*leaves).backward(grad)
+    return time.perf_counter() - start
+
+
+def time_decode(fn: Callable, tensors: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        start = time.perf_counter()
+        fn(*tensors)
+        return time.perf_counter() - start
+
+
+def peak_train_memory(fn: Callable, tensors: list[torch.Tensor], grad: torch.Tensor) -> float:
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    with speed.PeakMemory(torch.device("cpu")) as peak:
+        fn(*leaves).backward(grad)
+    return peak.peak / 2**20
+
+
+def interleaved(fns: dict[str, Callable], tensors: list[torch.Tensor], grad: torch.Tensor, mode: str, repeats: int,
+                label: str) -> dict[str, list[float]]:
+    """Seconds per call of every system, one call each per round after a warm-up, the order rotating every round."""
+    def timer(system: str) -> float:
+        if mode == "train":
+            return time_train(fns[system], tensors, grad)
+        return time_decode(fns[system], tensors)
+
+    systems = list(fns)
+    for system in systems:  # warm-up
+        timer(system)
+    times: dict[str, list[float]] = {system: [] for system in systems}
+    for r in range(repeats):
+        for system in systems[r % len(systems):] + systems[:r % len(systems)]:
+            times[system].append(timer(system))
+        print(f"  {label} round {r + 1}/{repeats}", file=sys.stderr, flush=True)
+    return times
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from rela_fairseq import kernels
+
+    ext = kernels.extension_for(torch.zeros(1), "auto")
+    systems = [REFERENCE] + [s for s in args.systems if s != REFERENCE]
+    if ext is None:
+        missing = [s for s in systems if SYSTEMS[s][0] == "fused"]
+        if missing:
+            raise SystemExit(f"the fused kernels are unavailable ({kernels._CpuExtension.failure}): drop {missing}")
+    rows, raw = [], {}
+    for head_dim in args.head_dims:
+        for length in args.lengths:
+            for mode in args.modes:
+                queries = length if mode == "train" else 1
+                tensors = inputs(args.batch, args.heads, length, head_dim, queries, args.seed)
+                grad = torch.randn_like(tensors[0])
+                fns = {s: (core if mode == "train" else step)(s, ext, args.heads) for s in systems}
+                times = interleaved(fns, tensors, grad, mode, args.repeats, f"d_h {head_dim} L={length} {mode}")
+                memory = ({s: peak_train_memory(fns[s], tensors, grad) for s in systems}
+                          if mode == "train" and "memory" in args.measure else {})
+                raw[f"d{head_dim}/L{length}/{mode}"] = times
+                for s in systems:
+                    ratios = [ref / t for ref, t in zip(times[REFERENCE], times[s])]
+                    rows.append({"head_dim": head_dim, "length": length, "mode": mode, "system": s,
+                                 "route": SYSTEMS[s][0], "ms": round(1000 * statistics.median(times[s]), 3),
+                                 "speed_vs_sdpa": round(statistics.median(ratios), 3),
+                                 "peak_mb": round(memory[s], 1) if s in memory else None,
+                                 "memory_vs_sdpa": (round(memory[s] / memory[REFERENCE], 3)
+                                                    if s in memory and memory[REFERENCE] > 0 else None)})
+    return rows, raw
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    others = [s for s in systems if s != REFERENCE]
+    routes = {r["system"]: r["route"] for r in rows}
+    lines = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        header = ["d_h", "keys", "sdpa ms", *(f"{s} ({routes[s]})" for s in others)]
+        with_memory = any(r["peak_mb"] is not None for r in rows if r["mode"] == mode)
+        if with_memory:
+            header += ["sdpa MB", *(f"{s} mem" for s in others)]
+        what = "forward + backward" if mode == "train" else "one query against the cached keys, no gradients"
+        lines += [f"**{mode}** ({what}): speed × SDPA (> 1: faster)"
+                  + (", and peak memory × SDPA's" if with_memory else ""), "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        cells: dict[tuple[int, int], dict[str, dict[str, Any]]] = {
+            (r["head_dim"], r["length"]): {} for r in rows if r["mode"] == mode}
+        for r in rows:
+            if r["mode"] == mode:
+                cells[(r["head_dim"], r["length"])][r["system"]] = r
+        for (head_dim, length), by_system in cells.items():
+            ref = by_system[REFERENCE]
+            row = [str(head_dim), str(length), f"{ref['ms']:.2f}",
+                   *(f"{by_system[s]['speed_vs_sdpa']:.2f}" for s in others)]
+            if with_memory:
+                row += [f"{ref['peak_mb']:.0f}", *(f"{by_system[s]['memory_vs_sdpa']:.2f}"
+                                                   if by_system[s]["memory_vs_sdpa"] is not None else "–"
+                                                   for s in others)]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines).strip()
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one round: seconds")
+    p.add_argument("--lengths", nargs="+", type=int, help="keys (and queries in training; default 128-4096)")
+    p.add_argument("--head-dims", nargs="+", type=int, help="head widths (default 32 64)")
+    p.add_argument("--batch", type=int, help="sentences (default 2)")
+    p.add_argument("--heads", type=int, help="heads (default 8)")
+    p.add_argument("--repeats", type=int, help="interleaved rounds (default 5)")
+    p.add_argument("--modes", nargs="+", choices=("train", "decode"), default=["train", "decode"])
+    p.add_argument("--measure", nargs="+", choices=("speed", "memory"), default=["speed", "memory"])
+    p.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS),
+                   help="default: all (sdpa, the reference, is always measured)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", help="write every measurement and ratio to this file")
+    args = p.parse_args(argv)
+    quick = dict(lengths=[32, 64], head_dims=[8], batch=1, heads=2, repeats=1)
+    full = dict(lengths=[128, 256, 512, 1024, 2048, 4096], head_dims=[32, 64], batch=2, heads=8, repeats=5)
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("lengths", "head_dims", "batch", "heads", "repeats"):
+        value = getattr(args, key)
+        if min(value if isinstance(value, list) else [value]) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    rows, raw = run(args)
+    print(markdown(rows))
+    environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": speed.platform.processor()
+                   or speed.platform.machine()}
+    print(f"\n{environment}; batch {args.batch} x {args.heads} heads; medians of {args.repeats} interleaved rounds; "
+          f"{time.time() - started:.0f} s")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"environment": environment, "settings": vars(args), "results": rows, "raw": raw}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -451,17 +451,29 @@ def test_pipeline_keeps_a_double_dash_that_is_not_the_separator():
     assert fairseq_extra_args([]) == []
 
 
-def test_report_formats_a_missing_js_value():
-    from rela_tools.pipeline.report import table
+def test_the_compare_table_formats_missing_values_and_adds_aer_only_with_gold_alignments():
+    from rela_tools.pipeline.tables import compare_table, mean_sd
 
-    attention = {"overall_sparsity": 0.5, "types": {kind: {"overall": {"sparsity": 0.5, "null_rate": 0.1, "js": None}}
-                                                    for kind in ("encoder", "decoder", "cross")}}
-    row = {"aer": 0.3, "head": 0}
-    alignment = {"rows": [{"layer": 0, "best_head_normal": row, "avg_normal": row, "best_head_shifted": row,
-                           "avg_shifted": row}]}
-    result = {"sacrebleu": {"score": 1.0}, "chrf": {"score": 2.0}}
-    out = table({"rela_g": {"result": result, "attention": attention, "alignment": alignment}})
-    assert "JS head diversity (nats), cross" in out and "n/a" in out
+    def system(label, aer=None):
+        per_type = {kind: 0.5 for kind in ("encoder", "decoder", "cross")}
+        return {"label": label, "setting": {"describe": "shared", "source": "shared"}, "bleu": mean_sd([30.0]),
+                "chrf": mean_sd([50.0]), "brevity_penalty": mean_sd([]), "train_seconds": mean_sd([]),
+                "train_speed": None, "decode_speed": 1.0, "sparsity": per_type, "null_rate": per_type,
+                "near_null_rate": {}, "js": dict(per_type, cross=None), "aer": aer}
+
+    report = {"task": "toy", "quick": False, "test_set": "local", "signature": "sig", "reference": "softmax",
+              "speed": {"updates": 20, "sentences": 200, "rounds": 3}, "systems": {"softmax": system("softmax")}}
+    table = compare_table(report)
+    row = next(line for line in table.splitlines() if line.startswith("| softmax"))
+    # no BP, no train speed, no near-null rate, no JS of cross-attention, no training time: a dash each
+    assert "| 30.0 | 50.0 | – | – | 1.00 | 50.0 / 50.0 / 50.0 | 50.0 / 50.0 / 50.0 | – / – / – | 0.50 / 0.50 / – | – |" \
+        in row, row
+    assert "AER" not in table  # no gold alignments
+    best = {"aer": 0.25, "layer": 1, "head": "avg"}
+    report["systems"]["rela_g"] = system("ReLA-g", {"best_normal": best, "best_shifted": dict(best, head=3)})
+    table = compare_table(report)
+    assert "| AER % (normal / shifted) |" in table and "| 25.0 (L2 avg) / 25.0 (L2 h3) |" in table
+    assert "| – |" in next(line for line in table.splitlines() if line.startswith("| softmax"))
 
 
 def test_a_failed_training_raises_instead_of_exiting(tmp_path, monkeypatch):

@@ -466,8 +466,9 @@ def test_the_compare_table_formats_missing_values_and_adds_aer_only_with_gold_al
     table = compare_table(report)
     row = next(line for line in table.splitlines() if line.startswith("| softmax"))
     # no BP, no train speed, no near-null rate, no JS of cross-attention, no training time: a dash each
-    assert "| 30.0 | 50.0 | – | – | 1.00 | 50.0 / 50.0 / 50.0 | 50.0 / 50.0 / 50.0 | – / – / – | 0.50 / 0.50 / – | – |" \
-        in row, row
+    dashes = ("| 30.0 | 50.0 | – | – | 1.00 | 50.0 / 50.0 / 50.0 | 50.0 / 50.0 / 50.0 | – / – / – "
+              "| 0.50 / 0.50 / – | – |")
+    assert dashes in row, row
     assert "AER" not in table  # no gold alignments
     best = {"aer": 0.25, "layer": 1, "head": "avg"}
     report["systems"]["rela_g"] = system("ReLA-g", {"best_normal": best, "best_shifted": dict(best, head=3)})

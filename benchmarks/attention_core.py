@@ -11,9 +11,9 @@ identical SDPA call (``sdpa_control``), whose ratio shows how far two identical 
 * ``decode``: one query against ``length`` cached keys, the step of incremental decoding (no gradients);
 * peak memory of ``train`` (the growth of the process's resident memory, as benchmarks/speed.py measures it).
 
-Each element-wise function runs on the route the plugin takes for it: ReLA's ReLU and squared ReLU through the fused
-kernels (``--rela-kernel auto``), and through PyTorch operators (``rela_eager``, the eager route); ReLU/n and sigmoid
-through PyTorch operators (they have no fused kernel yet). The ``route`` column says which.
+Each element-wise function (ReLA's ReLU and squared ReLU, ReLU/n, sigmoid) runs through the fused kernels
+(``--rela-kernel auto``), and ReLA's ReLU also through PyTorch operators (``rela_eager``, the eager route). The
+``route`` column says which.
 
     python benchmarks/attention_core.py                    # lengths 128-4096, d_h 32 and 64 (minutes)
     python benchmarks/attention_core.py --quick            # tiny, seconds (CI)
@@ -43,9 +43,9 @@ SYSTEMS: dict[str, tuple[str, Optional[str]]] = {
     "sdpa_control": ("torch SDPA (softmax)", None),
     "rela": ("fused", "relu"),
     "relu2": ("fused", "relu2"),
+    "relu_len": ("fused", "relu_len"),
+    "sigmoid": ("fused", "sigmoid"),
     "rela_eager": ("eager", "relu"),
-    "relu_len": ("eager", "relu_len"),
-    "sigmoid": ("eager", "sigmoid"),
 }
 REFERENCE = "sdpa"
 
@@ -75,8 +75,7 @@ def core(system: str, ext: Any, heads: int) -> Callable[[torch.Tensor, torch.Ten
         return sdpa
     if route == "fused":
         def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return kernels.fused_attention(ext, q, k, v, heads=heads, scale=q.size(-1) ** -0.5,
-                                           squared=function == "relu2")
+            return kernels.fused_attention(ext, q, k, v, heads=heads, scale=q.size(-1) ** -0.5, activation=function)
         return fused
 
     def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -88,13 +87,15 @@ def core(system: str, ext: Any, heads: int) -> Callable[[torch.Tensor, torch.Ten
 def step(system: str, ext: Any, heads: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """One decoding step, q [B·H, 1, d_h] against the cached k, v [B·H, S, d_h], as the plugin runs it: fairseq's
     scores, then the step kernel (fused) or the function and A·V (eager); SDPA whole."""
+    from rela_fairseq import kernels
+
     route, function = SYSTEMS[system]
     if function is None or route != "fused":
         return core(system, ext, heads)
 
     def fused_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         scores = torch.bmm(q * q.size(-1) ** -0.5, k.transpose(1, 2)).contiguous()
-        return ext.attention_step(scores, v, heads, function == "relu2")
+        return kernels.attention_step(ext, scores, v, heads, function)
     return fused_step
 
 
@@ -146,12 +147,14 @@ def interleaved(fns: dict[str, Callable], tensors: list[torch.Tensor], grad: tor
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from rela_fairseq import kernels
 
-    ext = kernels.extension_for(torch.zeros(1), "auto")
+    # the CPU kernels themselves, whatever RELA_FAIRSEQ_KERNEL says: they are what is measured
+    ext = kernels.BACKENDS["cpu"].load()
     systems = [REFERENCE] + [s for s in args.systems if s != REFERENCE]
     if ext is None:
         missing = [s for s in systems if SYSTEMS[s][0] == "fused"]
         if missing:
-            raise SystemExit(f"the fused kernels are unavailable ({kernels._CpuExtension.failure}): drop {missing}")
+            raise SystemExit(f"the fused kernels are unavailable ({kernels.BACKENDS['cpu'].failure}): measure "
+                             f"without {', '.join(missing)} (--systems)")
     rows, raw = [], {}
     for head_dim in args.head_dims:
         for length in args.lengths:

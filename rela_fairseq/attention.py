@@ -18,7 +18,7 @@ from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
 from . import kernels
-from .attention_functions import AttentionFunction, Rela, Softmax
+from .attention_functions import AttentionFunction, Softmax
 from .rela import at_least_fp32
 
 
@@ -51,9 +51,11 @@ class RelaMultiheadAttention(MultiheadAttention):
 
         tgt_len, bsz, embed_dim = query.size()
         heads, src_len = self.num_heads, scores.size(-1)
-        if ext is not None:  # a decoding step: ReLU and A V in one kernel, in place on the scores, which become A
+        if ext is not None:  # a decoding step: the function and A V in one kernel, in place on the scores (then A)
+            assert self.attn_fn.fused_activation is not None  # _fused_kernels checked it
             scores = scores.contiguous()
-            out = ext.attention_step(scores, v, heads, self.attn_fn.activation == "relu2")
+            out = kernels.attention_step(ext, scores, v, heads, self.attn_fn.fused_activation,
+                                         self.attn_fn.fused_bias())
             weights = scores.view(bsz, heads, tgt_len, src_len)
         else:
             weights = self.attn_fn(scores.view(bsz, heads, tgt_len, src_len))
@@ -81,13 +83,14 @@ class RelaMultiheadAttention(MultiheadAttention):
 
     def _fused_kernels(self, query: Tensor, key: Optional[Tensor], incremental_state: Optional[dict],
                        before_softmax: bool, need_weights: bool, need_head_weights: bool):
-        """The compiled ReLA kernels (``kernels``) if this call can use them, else None (the eager path).
+        """The compiled kernels (``kernels``) if this call can use them, else None (the eager path): for the
+        element-wise functions (ReLA, relu_len, sigmoid: ``AttentionFunction.fused_activation``).
 
         Two fused routes: without a key/value cache, the whole core from projected q, k, v (training, the encoder,
         validation); in incremental decoding, the step from fairseq's scores (no gradients or dropout there).
         Attention weights asked for (analysis, fairseq's alignment layer) take the eager route, whose weights can
         carry gradients."""
-        if not isinstance(self.attn_fn, Rela) or before_softmax or self.store_attn:
+        if self.attn_fn.fused_activation is None or before_softmax or self.store_attn:
             return None
         if incremental_state is None:
             if need_weights or need_head_weights or self.bias_k is not None or self.add_zero_attn:
@@ -96,9 +99,10 @@ class RelaMultiheadAttention(MultiheadAttention):
                 return None
         elif torch.is_grad_enabled() or (self.dropout_module.apply_during_inference and self.dropout_module.p > 0):
             return None  # the step kernel has no dropout: gradients, and --retain-dropout, take the eager step
-        ext = kernels.extension_for(query, self.attn_fn.norm.kernel)
-        if ext is None or (incremental_state is None and
-                           not kernels.attention_supported(ext, query.size(1) * self.num_heads, self.head_dim)):
+        ext = kernels.extension_for(query, self.attn_fn.kernel)
+        if ext is None or not kernels.activation_supported(ext, self.attn_fn.fused_activation) or (
+                incremental_state is None and
+                not kernels.attention_supported(ext, query.size(1) * self.num_heads, self.head_dim)):
             return None
         return ext
 
@@ -117,8 +121,10 @@ class RelaMultiheadAttention(MultiheadAttention):
                    for proj, x in ((self.q_proj, query), (self.k_proj, key), (self.v_proj, value)))
         dropout = self.dropout_module
         p = dropout.p if (self.training or dropout.apply_during_inference) else 0.0
+        assert self.attn_fn.fused_activation is not None  # _fused_kernels checked it
         out = kernels.fused_attention(ext, q, k, v, heads=heads, scale=self.scaling, padding=key_padding_mask,
-                                      attn_mask=attn_mask, squared=self.attn_fn.activation == "relu2", dropout=p)
+                                      attn_mask=attn_mask, activation=self.attn_fn.fused_activation,
+                                      bias=self.attn_fn.fused_bias(), dropout=p)
         out = out.transpose(0, 1).reshape(tgt_len, bsz, embed_dim)  # a view: the kernel writes time-major
         return self.out_proj(self.attn_fn.combine(out))
 

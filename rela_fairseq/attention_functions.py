@@ -30,7 +30,7 @@ fails with a message naming both, unless ``allow_change`` is set and the paramet
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,8 @@ class AttentionFunction(nn.Module):
     name: str = None  # type: ignore[assignment]  # each subclass's --attn-fn name
     sums_to_one = True
     masked_score = float("-inf")  # what a masked (padding, future) score is set to before the mapping
+    fused_activation: Optional[str] = None  # the element-wise functions: what the fused kernels compute for them
+    kernel = "eager"  # their --rela-kernel choice
 
     def __init__(self) -> None:
         super().__init__()
@@ -62,6 +64,10 @@ class AttentionFunction(nn.Module):
     def combine(self, heads: torch.Tensor) -> torch.Tensor:
         """Post-process the concatenated head outputs [T, B, d]; identity except for ReLA."""
         return heads
+
+    def fused_bias(self) -> Optional[torch.Tensor]:
+        """A bias per head that the fused kernels add to the scores (sigmoid's learned one), or None."""
+        return None
 
     def settings(self) -> dict:
         """What must match between a checkpoint and the model it is loaded into (primitive values only)."""
@@ -201,6 +207,14 @@ class Rela(AttentionFunction):
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         return rectify(scores, self.activation)
 
+    @property
+    def fused_activation(self) -> str:  # type: ignore[override]
+        return self.activation
+
+    @property
+    def kernel(self) -> str:  # type: ignore[override]
+        return self.norm.kernel
+
     def combine(self, heads: torch.Tensor) -> torch.Tensor:
         return self.norm(heads)
 
@@ -225,9 +239,11 @@ class Sigmoid(AttentionFunction):
 
     name = "sigmoid"
     sums_to_one = False
+    fused_activation = "sigmoid"
 
-    def __init__(self, num_heads: int, bias: str):
+    def __init__(self, num_heads: int, bias: str, kernel: str = "auto"):
         super().__init__()
+        self.kernel = kernel
         if bias not in SIGMOID_BIASES:
             raise RelaConfigError(f"unknown --sigmoid-bias {bias!r}; choose one of {', '.join(SIGMOID_BIASES)}")
         self.bias = nn.Parameter(torch.zeros(num_heads)) if bias == "learned" else None
@@ -238,6 +254,9 @@ class Sigmoid(AttentionFunction):
         if self.bias is not None:
             logits = logits + self.bias.to(logits.dtype).view(1, -1, 1, 1)
         return torch.sigmoid(logits)
+
+    def fused_bias(self) -> Optional[torch.Tensor]:
+        return self.bias
 
     def settings(self) -> dict:
         return dict(super().settings(), bias="learned" if self.bias is not None else "length")
@@ -252,6 +271,11 @@ class ReluLength(AttentionFunction):
 
     name = "relu_len"
     sums_to_one = False
+    fused_activation = "relu_len"
+
+    def __init__(self, kernel: str = "auto"):
+        super().__init__()
+        self.kernel = kernel
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         scores = at_least_fp32(scores)  # masked keys: ReLU(-inf) = 0 exactly, and a zero gradient
@@ -290,7 +314,9 @@ def build_attention_function(embed_dim: int, num_heads: int, settings: Attention
     elif settings.attn_fn == "entmax_alpha":
         fn = EntmaxAlpha(num_heads, alpha_init=settings.entmax_alpha_init, n_iter=settings.entmax_bisect_iters)
     elif settings.attn_fn == "sigmoid":
-        fn = Sigmoid(num_heads, settings.sigmoid_bias)
+        fn = Sigmoid(num_heads, settings.sigmoid_bias, settings.rela_kernel)
+    elif settings.attn_fn == "relu_len":
+        fn = ReluLength(settings.rela_kernel)
     else:
         fn = ATTENTION_FUNCTIONS[settings.attn_fn]()
     fn.allow_change = settings.allow_attn_fn_change

@@ -46,7 +46,8 @@ class AttentionSettings(FairseqDataclass):
     rela_activation: ChoiceEnum(ACTIVATIONS) = field(  # type: ignore[valid-type]
         default="relu", metadata={"help": "relu, or squared relu"})
     rela_kernel: ChoiceEnum(KERNELS) = field(  # type: ignore[valid-type]
-        default="auto", metadata={"help": "ReLA's attention core, norm and gate: fused (compiled kernels, C++ on CPU, "
+        default="auto", metadata={"help": "the attention core of the element-wise functions (ReLA, relu_len, sigmoid) "
+                                          "and ReLA's norm and gate: fused (compiled kernels, C++ on CPU, "
                                           "compiled on first use), eager (PyTorch operators), or auto (fused where "
                                           "available, else eager with a one-line message); same results. The "
                                           "environment variable RELA_FAIRSEQ_KERNEL overrides it"})

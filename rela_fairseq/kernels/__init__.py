@@ -33,6 +33,9 @@ from rela_tools.errors import RelaConfigError, RelaFairseqError
 
 logger = logging.getLogger(__name__)
 KERNELS = ("auto", "fused", "eager")
+# the element-wise attention functions the kernels compute (their code is the index): ReLA's ReLU and squared ReLU,
+# ReLU / n (--attn-fn relu_len) and sigmoid(x - log n + b) (--attn-fn sigmoid), n a row's unmasked keys
+ACTIVATIONS = ("relu", "relu2", "relu_len", "sigmoid")
 ENV_VAR = "RELA_FAIRSEQ_KERNEL"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rela_cpu.cpp")
 
@@ -189,6 +192,11 @@ def attention_supported(ext: Any, batch_heads: int, head_dim: int) -> bool:
             and head_dim <= getattr(ext, "max_head_dim", head_dim))
 
 
+def activation_supported(ext: Any, activation: str) -> bool:
+    """Whether ``ext`` computes ``activation`` (the CPU kernels: all of ACTIVATIONS; Triton's: ``activations``)."""
+    return activation in getattr(ext, "activations", ACTIVATIONS)
+
+
 def norm_supported(ext: Any, width: int, embed_dim: int) -> bool:
     """Whether ``ext`` fuses an RMSNorm over rows of ``width`` (the CPU kernel: any; Triton: the full width)."""
     return width == embed_dim or "head" in getattr(ext, "norm_scopes", ("all", "head"))
@@ -198,27 +206,31 @@ class FusedAttention(torch.autograd.Function):
     """O = dropout(act(scale · Q Kᵀ + masks)) V per (batch × head) block, without storing the scores."""
 
     @staticmethod
-    def forward(ctx: Any, ext: Any, q: Tensor, k: Tensor, v: Tensor, padding: Optional[Tensor],
-                additive: Optional[Tensor], heads: int, scale: float, squared: bool, p: float, seed: int) -> Tensor:
-        ctx.save_for_backward(q, k, v)
-        ctx.ext, ctx.masks, ctx.args = ext, (padding, additive), (heads, scale, squared, p, seed)
-        return ext.attention_forward(q, k, v, padding, additive, heads, scale, squared, p, seed)
+    def forward(ctx: Any, ext: Any, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], padding: Optional[Tensor],
+                additive: Optional[Tensor], heads: int, scale: float, kind: int, p: float, seed: int) -> Tensor:
+        ctx.save_for_backward(q, k, v, bias)
+        ctx.ext, ctx.masks, ctx.args = ext, (padding, additive), (heads, scale, kind)
+        ctx.dropout = (p, seed)
+        return ext.attention_forward(q, k, v, padding, additive, heads, scale, kind, bias, p, seed)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
-        q, k, v = ctx.saved_tensors
-        dq, dk, dv = ctx.ext.attention_backward(grad_out, q, k, v, *ctx.masks, *ctx.args)
-        return None, dq, dk, dv, None, None, None, None, None, None, None
+        q, k, v, bias = ctx.saved_tensors
+        heads = ctx.args[0]
+        dq, dk, dv, dbias = ctx.ext.attention_backward(grad_out, q, k, v, *ctx.masks, *ctx.args, bias, *ctx.dropout)
+        dbias = dbias.view(-1, heads).sum(0) if bias is not None else None  # the blocks of each head
+        return None, dq, dk, dv, dbias, None, None, None, None, None, None, None
 
 
 def fused_attention(ext: Any, q: Tensor, k: Tensor, v: Tensor, *, heads: int, scale: float,
-                    padding: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None, squared: bool = False,
-                    dropout: float = 0.0) -> Tensor:
-    """Steps 2-6 of docs/method.md. q [B·H, T, d_h] (unscaled), k, v [B·H, S, d_h], any layout whose last dimension is
-    contiguous (fairseq's time-major views need no copy); padding [B, S] (True = pad); attn_mask [T, S], added to the
-    scores (fairseq's causal mask, 0 / -inf) or bool (True = masked). Returns O [B·H, T, d_h] as a view of a
-    [T, B·H, d_h] tensor. With ``dropout`` > 0 the seed comes from torch's generator: ``torch.manual_seed``
-    reproduces a run."""
+                    padding: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None, activation: str = "relu",
+                    bias: Optional[Tensor] = None, dropout: float = 0.0) -> Tensor:
+    """Steps 2-6 of docs/method.md with ``activation`` (one of ACTIVATIONS) as the attention function. q [B·H, T, d_h]
+    (unscaled), k, v [B·H, S, d_h], any layout whose last dimension is contiguous (fairseq's time-major views need no
+    copy); padding [B, S] (True = pad); attn_mask [T, S], added to the scores (fairseq's causal mask, 0 / -inf) or
+    bool (True = masked); ``bias`` [H]: sigmoid's learned bias per head (it gets a gradient). Returns O [B·H, T, d_h]
+    as a view of a [T, B·H, d_h] tensor. With ``dropout`` > 0 the seed comes from torch's generator:
+    ``torch.manual_seed`` reproduces a run."""
     if not q.size(-1) == k.size(-1) == v.size(-1):  # the CPU kernel reads v with q's head width
         raise ValueError(f"rela fused attention: q, k and v need one head width, got {q.size(-1)}, {k.size(-1)}, "
                          f"{v.size(-1)}")
@@ -229,7 +241,19 @@ def fused_attention(ext: Any, q: Tensor, k: Tensor, v: Tensor, *, heads: int, sc
         if attn_mask.dtype == torch.bool:
             attn_mask = torch.zeros(attn_mask.shape, device=attn_mask.device).masked_fill_(attn_mask, float("-inf"))
         attn_mask = attn_mask.to(torch.float32).contiguous()
-    return FusedAttention.apply(ext, q, k, v, padding, attn_mask, heads, float(scale), squared, float(dropout), seed)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"rela fused attention: unknown activation {activation!r}; choose one of "
+                         f"{', '.join(ACTIVATIONS)}")
+    return FusedAttention.apply(ext, q, k, v, bias, padding, attn_mask, heads, float(scale),
+                                ACTIVATIONS.index(activation), float(dropout), seed)
+
+
+def attention_step(ext: Any, scores: Tensor, v: Tensor, heads: int, activation: str = "relu",
+                   bias: Optional[Tensor] = None) -> Tensor:
+    """One decoding step: fairseq's scores [B·H, T, S] (masked keys at the function's masked score) become the weights
+    in place; returns O [T, B·H, d_h] (beam search's shared values: see rela_cpu.cpp)."""
+    return ext.attention_step(scores, v, heads, ACTIVATIONS.index(activation),
+                              None if bias is None else bias.detach().float())
 
 
 class FusedGatedRMSNorm(torch.autograd.Function):

@@ -4,7 +4,9 @@
 // Attention core, one (batch x head) block per task of at::parallel_for (OpenMP), in fairseq's time-major layout
 // (q [T, B*H, d_h], k and v [S, B*H, d_h] as views [B*H, len, d_h]: no transposed copies in either direction):
 //   S = scale * Q K^T            step 2                                       (a small GEMM, MKL or oneDNN)
-//   A = act(S + mask)            steps 3-4: masked keys -> 0; act = ReLU or squared ReLU
+//   A = act(S + mask)            steps 3-4: masked keys -> 0; act, element-wise: ReLU, squared ReLU (ReLA), ReLU / n
+//                                or sigmoid(x - log n + b_h) (the controls relu_len and sigmoid; n the row's unmasked
+//                                keys, b_h a bias per head or 0)
 //   A~ = dropout(A)              step 5: keep with probability 1 - p, scaled by 1 / (1 - p), decided by a hash of
 //                                (seed, position), so that the backward pass regenerates the same decisions
 //   O = A~ V                     step 6 (a small GEMM), written straight into the [T, B*H, d_h] output
@@ -25,6 +27,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -67,25 +71,77 @@ struct Masks {
   const float* additive = nullptr;  // [T, S], added to the scores (fairseq's causal mask: 0 / -inf)
 };
 
+// the element-wise functions (kernels/__init__.py's ACTIVATIONS, in this order)
+enum Kind : int64_t { kRelu = 0, kRelu2 = 1, kReluLength = 2, kSigmoid = 3 };
+
 struct Activation {
-  bool squared;
+  int64_t kind;
   double p;  // dropout probability, 0 = none
   uint64_t seed;
+  const float* bias = nullptr;  // sigmoid's learned bias per head, or none
+  int64_t heads = 1;
+
+  float bias_of(int64_t bh) const { return bias ? bias[bh % heads] : 0.0f; }
 };
 
-// One row of scores, steps 3-5: x = scale * s + add (0 where padded), written back to raw (if given, for the
-// backward pass); the activated, dropped-out weights to out (which may be s itself). Two loops: the first one
-// vectorises, the dropout hash does not.
-inline void activate_row(const float* s, float* raw, float* out, int64_t n, float scale, const bool* pad_row,
-                         const float* add_row, const Activation& act, uint64_t counter0) {
-  for (int64_t j = 0; j < n; ++j) {
-    float x = s[j] * scale;
-    if (add_row) x += add_row[j];
-    if (pad_row && pad_row[j]) x = 0.0f;
-    if (raw) raw[j] = x;
-    const float a = std::max(x, 0.0f);  // -inf (causal mask) -> 0
-    out[j] = act.squared ? a * a : a;
+constexpr float kMasked = -std::numeric_limits<float>::infinity();
+
+// What a row's activation needs besides x: 1 / n (ReLU / n) and -log n + b (sigmoid), n = the unmasked keys (>= 1)
+struct RowShape {
+  float inv_n;
+  float shift;
+};
+
+inline RowShape row_shape(const float* x, int64_t n, const Activation& act, float bias) {
+  if (act.kind != kReluLength && act.kind != kSigmoid) return {1.0f, 0.0f};
+  int64_t live = 0;
+  for (int64_t j = 0; j < n; ++j) live += x[j] != kMasked;
+  const float count = static_cast<float>(std::max<int64_t>(live, 1));
+  return {1.0f / count, bias - std::log(count)};
+}
+
+// act(x), and its derivative given the weight a = act(x); K a compile-time Kind, so that each row loop is compiled
+// (and vectorised) for one function
+template <int64_t K>
+inline float activation(float x, const RowShape& row) {
+  if (K == kSigmoid) return x == kMasked ? 0.0f : sigmoid(x + row.shift);
+  const float a = std::max(x, 0.0f);  // -inf (masked) -> 0
+  return K == kRelu2 ? a * a : (K == kReluLength ? a * row.inv_n : a);
+}
+
+template <int64_t K>
+inline float derivative(float x, float a, const RowShape& row) {
+  if (K == kSigmoid) return a * (1.0f - a);  // 0 where masked: a = 0
+  if (!(x > 0.0f)) return 0.0f;              // never 0 * -inf
+  return K == kRelu2 ? 2.0f * x : (K == kReluLength ? row.inv_n : 1.0f);
+}
+
+// f(std::integral_constant<int64_t, K>) for the runtime kind
+template <typename F>
+inline void with_kind(int64_t kind, F&& f) {
+  switch (kind) {
+    case kRelu: f(std::integral_constant<int64_t, kRelu>()); break;
+    case kRelu2: f(std::integral_constant<int64_t, kRelu2>()); break;
+    case kReluLength: f(std::integral_constant<int64_t, kReluLength>()); break;
+    default: f(std::integral_constant<int64_t, kSigmoid>()); break;
   }
+}
+
+// One row of scores, steps 3-5: x = scale * s + add (-inf where padded), written back to raw (if given, for the
+// backward pass); the activated, dropped-out weights to out (which may be s itself). Separate loops: the ones without
+// the dropout hash vectorise.
+inline void activate_row(const float* s, float* raw, float* out, int64_t n, float scale, const bool* pad_row,
+                         const float* add_row, const Activation& act, float bias, uint64_t counter0) {
+  float* x = raw ? raw : out;
+  for (int64_t j = 0; j < n; ++j) {
+    float v = s[j] * scale;
+    if (add_row) v += add_row[j];
+    x[j] = pad_row && pad_row[j] ? kMasked : v;
+  }
+  const RowShape row = row_shape(x, n, act, bias);
+  with_kind(act.kind, [&](auto k) {
+    for (int64_t j = 0; j < n; ++j) out[j] = activation<decltype(k)::value>(x[j], row);
+  });
   if (act.p > 0) {
     const float keep_scale = static_cast<float>(1.0 / (1.0 - act.p));
     const float threshold = static_cast<float>(act.p);
@@ -183,18 +239,28 @@ Tensor time_major_like(const Tensor& x) {
   return at::empty({x.size(1), x.size(0), x.size(2)}, x.options()).transpose(0, 1);
 }
 
+// the sigmoid bias [heads] as float32 (only sigmoid takes one)
+Tensor bias_of(const c10::optional<Tensor>& bias, int64_t kind, int64_t heads) {
+  TORCH_CHECK(kind >= kRelu && kind <= kSigmoid, "rela fused attention: unknown activation ", kind);
+  if (!bias.has_value() || !bias->defined()) return Tensor();
+  TORCH_CHECK(kind == kSigmoid && bias->scalar_type() == at::kFloat && bias->numel() == heads,
+              "rela fused attention: a bias is sigmoid's, float32 [", heads, "]");
+  return bias->detach().contiguous();
+}
+
 }  // namespace
 
 // O = dropout(act(scale * Q K^T + masks)) V. q [BH, T, D], k and v [BH, S, D] (any layout with a contiguous last
 // dimension); padding [B, S] bool; additive [T, S] float. Returns O as a [BH, T, D] view of a [T, BH, D] tensor.
 Tensor attention_forward(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                          const c10::optional<Tensor>& padding, const c10::optional<Tensor>& additive, int64_t heads,
-                         double scale, bool squared, double p, int64_t seed) {
+                         double scale, int64_t kind, const c10::optional<Tensor>& bias, double p, int64_t seed) {
   const Tensor q = q_in.detach(), k = k_in.detach(), v = v_in.detach();
   check_attention_inputs(q, k, v);
   const int64_t BH = q.size(0), T = q.size(1), S = k.size(1), D = q.size(2);
   const Masks m = masks_of(padding, additive, BH, heads, T, S);
-  const Activation act{squared, p, static_cast<uint64_t>(seed)};
+  const Tensor b = bias_of(bias, kind, heads);
+  const Activation act{kind, p, static_cast<uint64_t>(seed), b.defined() ? b.data_ptr<float>() : nullptr, heads};
   Tensor out = time_major_like(q);
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain ATen calls: no autograd bookkeeping per block
@@ -210,7 +276,8 @@ Tensor attention_forward(const Tensor& q_in, const Tensor& k_in, const Tensor& v
       }
       for (int64_t i = 0; i < T; ++i) {
         activate_row(s + i * S, nullptr, s + i * S, S, static_cast<float>(scale), pad_row,
-                     m.additive ? m.additive + i * S : nullptr, act, static_cast<uint64_t>((bh * T + i) * S));
+                     m.additive ? m.additive + i * S : nullptr, act, act.bias_of(bh),
+                     static_cast<uint64_t>((bh * T + i) * S));
       }
       if (small) {
         product_xz(s, T, S, rows_of(v, bh), rows_of(out, bh), D, false);
@@ -224,17 +291,22 @@ Tensor attention_forward(const Tensor& q_in, const Tensor& k_in, const Tensor& v
 }
 
 // Gradients of attention_forward with respect to q, k and v, each a [BH, len, D] view of a time-major tensor.
+// With a sigmoid bias, also the bias's gradient summed per (batch x head) block, [BH] (the caller sums the blocks of
+// each head); else an empty tensor.
 std::vector<Tensor> attention_backward(const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in,
                                        const Tensor& v_in, const c10::optional<Tensor>& padding,
                                        const c10::optional<Tensor>& additive, int64_t heads, double scale,
-                                       bool squared, double p, int64_t seed) {
+                                       int64_t kind, const c10::optional<Tensor>& bias, double p, int64_t seed) {
   const Tensor q = q_in.detach(), k = k_in.detach(), v = v_in.detach();
   const Tensor g = rows_contiguous(grad_out_in);
   check_attention_inputs(q, k, v);
   const int64_t BH = q.size(0), T = q.size(1), S = k.size(1), D = q.size(2);
   const Masks m = masks_of(padding, additive, BH, heads, T, S);
-  const Activation act{squared, p, static_cast<uint64_t>(seed)};
+  const Tensor b = bias_of(bias, kind, heads);
+  const Activation act{kind, p, static_cast<uint64_t>(seed), b.defined() ? b.data_ptr<float>() : nullptr, heads};
   Tensor dq = time_major_like(q), dk = time_major_like(k), dv = time_major_like(v);
+  Tensor dbias = b.defined() ? at::zeros({BH}, q.options()) : Tensor();
+  float* dbias_p = b.defined() ? dbias.data_ptr<float>() : nullptr;
   const float keep_scale = p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f;
   const float threshold = static_cast<float>(p);
   const float scale_f = static_cast<float>(scale);
@@ -254,9 +326,10 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out_in, const Tensor& 
       } else {
         at::mm_out(raw, q[bh], k[bh].t());
       }
+      const float bias_bh = act.bias_of(bh);
       for (int64_t i = 0; i < T; ++i) {
         activate_row(r + i * S, r + i * S, a + i * S, S, scale_f, pad_row, m.additive ? m.additive + i * S : nullptr,
-                     act, static_cast<uint64_t>((bh * T + i) * S));
+                     act, bias_bh, static_cast<uint64_t>((bh * T + i) * S));
       }
       if (small) {
         product_xz(a, T, S, rows_of(g, bh), rows_of(dv, bh), D, true);  // dV = A~^T dO
@@ -266,18 +339,24 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out_in, const Tensor& 
         at::mm_out(dv_bh, weights.t(), g[bh]);
         at::mm_out(grad, g[bh], v[bh].t());
       }
+      float bias_grad = 0.0f;
       for (int64_t i = 0; i < T; ++i) {
         const uint64_t counter0 = static_cast<uint64_t>((bh * T + i) * S);
         float* gr = ga + i * S;
-        const float* rr = r + i * S;
-        for (int64_t j = 0; j < S; ++j) {
-          const float x = rr[j];  // padded keys hold 0 here: no gradient, like every non-positive score
-          float d = 0.0f;
-          if (x > 0.0f) d = gr[j] * keep_scale * scale_f * (squared ? 2.0f * x : 1.0f);  // never 0 * -inf
-          if (p > 0 && uniform(act.seed, counter0 + j) < threshold) d = 0.0f;
-          gr[j] = d;
-        }
+        const float* rr = r + i * S;  // masked keys hold -inf here: no gradient
+        const RowShape row = row_shape(rr, S, act, bias_bh);
+        with_kind(act.kind, [&](auto k) {
+          constexpr int64_t K = decltype(k)::value;
+          for (int64_t j = 0; j < S; ++j) {
+            const float x = rr[j];
+            float d = x == kMasked ? 0.0f : gr[j] * keep_scale * derivative<K>(x, activation<K>(x, row), row);
+            if (p > 0 && uniform(act.seed, counter0 + j) < threshold) d = 0.0f;
+            bias_grad += d;  // d(weight)/d(bias) = d(weight)/dx for sigmoid
+            gr[j] = d * scale_f;
+          }
+        });
       }
+      if (dbias_p) dbias_p[bh] = bias_grad;
       if (small) {
         product_xz(ga, T, S, rows_of(k, bh), rows_of(dq, bh), D, false);  // dQ = scale * dS K
         product_xz(ga, T, S, rows_of(q, bh), rows_of(dk, bh), D, true);   // dK = scale * dS^T Q
@@ -288,16 +367,17 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out_in, const Tensor& 
       }
     }
   });
-  return {dq, dk, dv};
+  return {dq, dk, dv, dbias};
 }
 
-// One step of incremental decoding (no gradients): the scores fairseq computed (masked keys at -inf) are rectified
-// in place, and O = A V is accumulated over the keys whose weight is not 0 (ReLA's zeros are skipped).
+// One step of incremental decoding (no gradients): the scores fairseq computed (masked keys at -inf, or 0 for ReLA)
+// become the weights in place, and O = A V is accumulated over the keys whose weight is not 0 (ReLA's zeros are skipped).
 // scores [BH, T, S]; v [KBH, S, D] in any layout whose last dimension is contiguous (fairseq's cached encoder values
 // are a time-major view: copying them would cost more than the step), with KBH = BH / beam (beam search keeps one
 // copy of the encoder's values per sentence: query block b * heads + h reads value block (b / beam) * heads + h).
 // Returns O [T, BH, D].
-Tensor attention_step(const Tensor& scores, const Tensor& v_in, int64_t heads, bool squared) {
+Tensor attention_step(const Tensor& scores, const Tensor& v_in, int64_t heads, int64_t kind,
+                      const c10::optional<Tensor>& bias) {
   const Tensor v = rows_contiguous(v_in);
   TORCH_CHECK(scores.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && scores.is_contiguous(),
               "rela fused attention step: contiguous float32 scores and values only");
@@ -305,6 +385,8 @@ Tensor attention_step(const Tensor& scores, const Tensor& v_in, int64_t heads, b
   TORCH_CHECK(v.size(1) == S && BH % KBH == 0 && KBH % heads == 0, "rela fused attention step: scores ",
               scores.sizes(), " do not fit values ", v.sizes());
   const int64_t beam = BH / KBH;
+  const Tensor b = bias_of(bias, kind, heads);
+  const Activation act{kind, 0.0, 0, b.defined() ? b.data_ptr<float>() : nullptr, heads};
   Tensor out = at::empty({T, BH, D}, v.options());
   float* sp = scores.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -315,15 +397,17 @@ Tensor attention_step(const Tensor& scores, const Tensor& v_in, int64_t heads, b
         float* row = sp + (bh * T + i) * S;
         float* __restrict__ o = op + (i * BH + bh) * D;
         std::fill(o, o + D, 0.0f);
-        for (int64_t j = 0; j < S; ++j) {
-          float a = row[j] > 0.0f ? row[j] : 0.0f;
-          if (squared) a = a * a;
-          row[j] = a;
-          if (a == 0.0f) continue;
-          const float* __restrict__ vr = vb.row(j);
+        const RowShape shape = row_shape(row, S, act, act.bias_of(bh));  // masked keys: -inf, or ReLA's 0
+        with_kind(kind, [&](auto k) {
+          for (int64_t j = 0; j < S; ++j) {
+            const float a = activation<decltype(k)::value>(row[j], shape);
+            row[j] = a;
+            if (a == 0.0f) continue;
+            const float* __restrict__ vr = vb.row(j);
 #pragma omp simd
-          for (int64_t c = 0; c < D; ++c) o[c] += a * vr[c];
-        }
+            for (int64_t c = 0; c < D; ++c) o[c] += a * vr[c];
+          }
+        });
       }
     }
   });

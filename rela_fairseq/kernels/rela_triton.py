@@ -270,11 +270,22 @@ class TritonKernels:
     """``rela_cpu.cpp``'s functions for GPU tensors (and, in Triton's interpreter, CPU tensors)."""
 
     norm_scopes = ("all",)
+    # the element-wise functions these kernels compute (``kernels.activation_supported``; the others run eagerly on
+    # a GPU): ReLA's ReLU and squared ReLU, codes 0 and 1 of ``kernels.ACTIVATIONS``
+    activations = ("relu", "relu2")
     # what the attention core's launches take (``kernels.attention_supported``; larger calls run eagerly): CUDA caps
     # grid axis 1, where they put batch × heads, at 65,535; above 128 the tiles of a head would outgrow a GPU's shared
     # memory (by the tile sizes; not yet measured on a GPU)
     max_batch_heads = 65535
     max_head_dim = 128
+
+    @classmethod
+    def _squared(cls, kind: int, bias: Optional[Tensor]) -> bool:
+        """Squared ReLU or ReLU: what these kernels take of ``kernels.ACTIVATIONS``' codes."""
+        if kind not in range(len(cls.activations)) or bias is not None:
+            raise ValueError(f"the Triton kernels compute {', '.join(cls.activations)} only, without a bias; got "
+                             f"activation code {kind}")
+        return kind == 1
 
     @staticmethod
     def _flags(q: Tensor, padding: Optional[Tensor], additive: Optional[Tensor], squared: bool, p: float) -> dict:
@@ -290,8 +301,9 @@ class TritonKernels:
 
     @_on_its_device
     def attention_forward(self, q: Tensor, k: Tensor, v: Tensor, padding: Optional[Tensor],
-                          additive: Optional[Tensor], heads: int, scale: float, squared: bool, p: float,
-                          seed: int) -> Tensor:
+                          additive: Optional[Tensor], heads: int, scale: float, kind: int, bias: Optional[Tensor],
+                          p: float, seed: int) -> Tensor:
+        squared = self._squared(kind, bias)
         _check(q, k, v)
         bh, tgt_len, head_dim = q.shape
         block_m, block_n, block_d = _blocks(head_dim, q.device)
@@ -305,8 +317,9 @@ class TritonKernels:
 
     @_on_its_device
     def attention_backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, padding: Optional[Tensor],
-                           additive: Optional[Tensor], heads: int, scale: float, squared: bool, p: float,
-                           seed: int) -> tuple[Tensor, Tensor, Tensor]:
+                           additive: Optional[Tensor], heads: int, scale: float, kind: int, bias: Optional[Tensor],
+                           p: float, seed: int) -> tuple[Tensor, Tensor, Tensor, None]:
+        squared = self._squared(kind, bias)
         _check(q, k, v)
         if grad_out.stride(2) != 1:
             grad_out = grad_out.contiguous()
@@ -325,10 +338,11 @@ class TritonKernels:
             *shared, **flags)
         _attention_backward_q[(triton.cdiv(tgt_len, block_m), bh)](
             q, k, v, grad_out, dq, add, pad, *strides, dq.stride(0), dq.stride(1), *shared, **flags)
-        return dq, dk, dv
+        return dq, dk, dv, None
 
     @_on_its_device
-    def attention_step(self, scores: Tensor, v: Tensor, heads: int, squared: bool) -> Tensor:
+    def attention_step(self, scores: Tensor, v: Tensor, heads: int, kind: int, bias: Optional[Tensor]) -> Tensor:
+        squared = self._squared(kind, bias)
         if v.stride(2) != 1:  # any other layout is read in place (fairseq's cached encoder values are time-major)
             v = v.contiguous()
         bh, tgt_len, src_len = scores.shape

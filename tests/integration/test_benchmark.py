@@ -116,7 +116,8 @@ def test_attention_core_benchmark_against_sdpa_quick(tmp_path):
         assert (r["peak_mb"] is not None) == (r["mode"] == "train")
         if r["system"] == "sdpa":
             assert r["speed_vs_sdpa"] == 1.0
-    assert {r["route"] for r in rows if r["system"] in ("rela", "relu2")} == {"fused"}
+    assert {r["route"] for r in rows if r["system"] in ("rela", "relu2", "relu_len", "sigmoid")} == {"fused"}
+    assert {r["route"] for r in rows if r["system"] == "rela_eager"} == {"eager"}
 
 
 def test_attention_core_benchmark_rejects_bad_arguments():

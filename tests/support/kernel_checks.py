@@ -7,6 +7,7 @@ from fairseq.sequence_generator import SequenceGenerator
 from helpers import FakeTask, build_model, left_padded_batch
 
 from rela_fairseq import kernels
+from rela_fairseq.attention_functions import ReluLength, Sigmoid, unmasked_keys
 from rela_fairseq.rela import rectify
 
 TASK = FakeTask(vocab_size=23)
@@ -28,19 +29,38 @@ RELA_SETTINGS = {
     "head_norm": {"rela_norm_scope": "head"},
     "layer_norm": {"rela_norm": "layer"},
     "no_norm": {"rela_norm": "none"},
+    # the controls the kernels compute too: no norm, no gate
+    "relu_len": {"attn_fn": "relu_len"},
+    "sigmoid": {"attn_fn": "sigmoid", "sigmoid_bias": "learned"},
 }
+NO_NORM = ("no_norm", "relu_len", "sigmoid")
 
 
-def eager_core(q, k, v, scale, padding, attn_mask, activation, keep):
+ACTIVATIONS = ("relu", "relu2", "relu_len", "sigmoid")  # every element-wise function the kernels compute
+
+
+def eager_weights(scores, activation, heads, bias=None):
+    """The attention functions' own eager mappings (``rela_fairseq.attention_functions``) on [B·H, T, S] scores whose
+    masked keys hold -inf; ``bias`` [H]: sigmoid's learned bias."""
+    if activation in ("relu", "relu2"):
+        return rectify(scores, activation)  # -inf -> 0
+    by_head = scores.view(-1, heads, *scores.shape[1:])
+    if bias is not None:  # Sigmoid's forward with its learned bias, the bias a tensor of the caller's graph
+        return torch.sigmoid(by_head - torch.log(unmasked_keys(by_head)) + bias.view(1, -1, 1, 1)).view(scores.shape)
+    fn = ReluLength() if activation == "relu_len" else Sigmoid(heads, "length")
+    return fn(by_head).view(scores.shape)
+
+
+def eager_core(q, k, v, scale, padding, attn_mask, activation, keep, bias=None):
     """Steps 2-6 with PyTorch operators on [B·H, len, d_h] tensors; ``keep`` the dropout multipliers (or None)."""
     scores = torch.bmm(q * scale, k.transpose(1, 2))
     if attn_mask is not None:
         scores = scores + attn_mask
     if padding is not None:
         bsz, src_len = padding.shape
-        scores = scores.view(bsz, -1, *scores.shape[1:]).masked_fill(padding.view(bsz, 1, 1, src_len), 0.0)
+        scores = scores.view(bsz, -1, *scores.shape[1:]).masked_fill(padding.view(bsz, 1, 1, src_len), float("-inf"))
         scores = scores.view(-1, *scores.shape[2:])
-    weights = rectify(scores, activation)
+    weights = eager_weights(scores, activation, bias.numel() if bias is not None else 1, bias)
     if keep is not None:
         weights = weights * keep
     return torch.bmm(weights, v)
@@ -82,7 +102,7 @@ def check_models_fused_equal_eager(setting, backend, module, monkeypatch, device
             hypos[kernel] = generator.forward({"net_input": {"src_tokens": src, "src_lengths": lengths}})
     # every kernel ran (the fused model's modules took the fused routes), none for the eager model's
     assert set(spy.calls) == {"attention_forward", "attention_backward", "attention_step", "norm_forward",
-                              "norm_backward"} - ({"norm_forward", "norm_backward"} if setting == "no_norm" else set())
+                              "norm_backward"} - ({"norm_forward", "norm_backward"} if setting in NO_NORM else set())
     for sentence_f, sentence_e in zip(hypos["fused"], hypos["eager"]):
         for hypo_f, hypo_e in zip(sentence_f, sentence_e):
             assert torch.equal(hypo_f["tokens"], hypo_e["tokens"])
@@ -91,22 +111,25 @@ def check_models_fused_equal_eager(setting, backend, module, monkeypatch, device
 
 
 
-def check_decoding_step(module, device, layout, beam, activation="relu"):
-    """``attention_step`` against ReLU (or its square) and A·V: the scores rectified in place (the weights fairseq
+def check_decoding_step(module, device, layout, beam, activation="relu", bias=None):
+    """``attention_step`` against the function and A·V: the scores become the weights in place (those fairseq
     returns), the values shared by the ``beam`` hypotheses of a sentence and read in place in their ``layout``
-    (fairseq's cached encoder values are a time-major view)."""
+    (fairseq's cached encoder values are a time-major view); the first sentence's last 3 keys masked (-inf), which
+    ReLU/n and sigmoid do not count in n."""
     sentences, heads, tgt_len, src_len, head_dim = 2, 4, 2, 21, 8
     gen = torch.Generator().manual_seed(beam)
     scores = torch.randn(sentences * beam * heads, tgt_len, src_len, generator=gen).to(device)
+    scores[: beam * heads, :, -3:] = float("-inf")
     values = torch.randn(src_len, sentences * heads, head_dim, generator=gen).to(device)
     values = values.transpose(0, 1) if layout == "time_major" else values.transpose(0, 1).contiguous()
-    weights = rectify(scores, activation)
+    with torch.no_grad():
+        weights = eager_weights(scores, activation, heads if bias is not None else 1, bias)
     expected = torch.einsum("bxhts,bhsd->bxhtd", weights.view(sentences, beam, heads, tgt_len, src_len),
                             values.reshape(sentences, heads, src_len, head_dim))
-    out = module.attention_step(scores, values, heads, activation == "relu2")
+    out = kernels.attention_step(module, scores, values, heads, activation, bias)
     assert out.shape == (tgt_len, sentences * beam * heads, head_dim)  # time-major, as fairseq's head outputs
     torch.testing.assert_close(out, expected.reshape(-1, tgt_len, head_dim).transpose(0, 1), **TOL)
-    torch.testing.assert_close(scores, weights, rtol=0, atol=0)
+    torch.testing.assert_close(scores, weights, rtol=0 if activation in ("relu", "relu2") else 1e-6, atol=1e-7)
 
 
 class KernelSpy:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import EMBED, HEADS, make_attention
 from kernel_checks import (
+    ACTIVATIONS,
     RELA_SETTINGS,
     TOL,
     assert_close,
@@ -46,7 +47,7 @@ def no_kernel_override(monkeypatch):
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
 
 
-@pytest.mark.parametrize("activation", ["relu", "relu2"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("masks", ["none", "padding", "causal", "both"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("block", ["small", "large"])  # the kernel's plain loops, and its at::mm_out products
@@ -64,7 +65,7 @@ def test_attention_core_equals_eager(ext, activation, masks, dropout, block):
     scale = head_dim ** -0.5
     torch.manual_seed(5)
     fused = kernels.fused_attention(ext, q, k, v, heads=heads, scale=scale, padding=padding, attn_mask=attn_mask,
-                                    squared=activation == "relu2", dropout=dropout)
+                                    activation=activation, dropout=dropout)
     keep = None
     if dropout:  # the same seed, drawn the same way: the kernel's own decisions, as a tensor
         torch.manual_seed(5)
@@ -143,8 +144,9 @@ def test_fused_norm_equals_reference(ext, gated, width, rows):
 
 def module_pair(setting, cross=False):
     options = dict(RELA_SETTINGS[setting], kv_dim=EMBED + 8 if cross else None)
-    fused = make_attention("rela", rela_kernel="fused", **options).train()
-    eager = make_attention("rela", rela_kernel="eager", **options).train()
+    fn = options.pop("attn_fn", "rela")
+    fused = make_attention(fn, rela_kernel="fused", **options).train()
+    eager = make_attention(fn, rela_kernel="eager", **options).train()
     eager.load_state_dict(fused.state_dict())
     for module in (fused, eager):
         module.dropout_module.p = 0.0  # dropout decisions differ by design; their statistics are tested above
@@ -177,7 +179,7 @@ def test_self_attention_module_fused_equals_eager(setting):
             x, x, x, key_padding_mask=padding, attn_mask=mask, need_weights=False)[0], rtol)
 
 
-@pytest.mark.parametrize("setting", ["rela_g", "rela_i"])
+@pytest.mark.parametrize("setting", ["rela_g", "rela_i", "relu_len", "sigmoid"])
 def test_cross_attention_module_fused_equals_eager(setting):
     fused, eager = module_pair(setting, cross=True)
     x, memory = torch.randn(5, 2, EMBED), torch.randn(8, 2, EMBED + 8)
@@ -202,16 +204,43 @@ def test_fused_route_is_taken_and_weights_fall_back_to_eager(monkeypatch):
     torch.testing.assert_close(out_w, out, **TOL)
 
 
-@pytest.mark.parametrize("setting", ["rela_g", "rela_i", "relu2"])
+@pytest.mark.parametrize("setting", ["rela_g", "rela_i", "relu2", "relu_len", "sigmoid"])
 def test_models_fused_equal_eager_in_training_and_beam_search(setting, ext, monkeypatch):
     check_models_fused_equal_eager(setting, kernels._CpuExtension, ext, monkeypatch)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "time_major"])
 @pytest.mark.parametrize("beam", [1, 3])
-@pytest.mark.parametrize("activation", ["relu", "relu2"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_decoding_step_equals_eager(ext, layout, beam, activation):
     check_decoding_step(ext, "cpu", layout, beam, activation)
+
+
+def test_decoding_step_adds_sigmoids_bias_per_head(ext):
+    check_decoding_step(ext, "cpu", "time_major", 3, "sigmoid", bias=torch.tensor([-1.0, 0.0, 0.5, 2.0]))
+
+
+@pytest.mark.parametrize("masks", ["padding", "causal"])
+def test_sigmoid_bias_per_head_gets_the_eager_gradient(ext, masks):
+    """The learned bias of --sigmoid-bias learned: added per head inside the kernel, its gradient summed over every
+    (batch x head) block of that head."""
+    bsz, heads, length, head_dim = 3, 4, 9, 8
+    q, k, v = (time_major(bsz * heads, length, head_dim, seed=s) for s in (1, 2, 3))
+    padding = attn_mask = None
+    if masks == "padding":
+        padding = torch.zeros(bsz, length, dtype=torch.bool)
+        padding[0, -4:] = True
+    else:
+        attn_mask = torch.full((length, length), float("-inf")).triu(1)
+    bias = torch.tensor([-1.0, 0.0, 0.5, 2.0], requires_grad=True)
+    fused = kernels.fused_attention(ext, q, k, v, heads=heads, scale=0.3, padding=padding, attn_mask=attn_mask,
+                                    activation="sigmoid", bias=bias)
+    eager = eager_core(q, k, v, 0.3, padding, attn_mask, "sigmoid", None, bias)
+    assert_close(fused, eager)
+    upstream = torch.randn_like(eager)
+    leaves = [x._base for x in (q, k, v)] + [bias]
+    for f, e in zip(torch.autograd.grad(fused, leaves, upstream), torch.autograd.grad(eager, leaves, upstream)):
+        assert_close(f, e)
 
 
 def test_retained_dropout_in_decoding_takes_the_eager_step(ext):

@@ -39,7 +39,7 @@ def test_triton_attention_core_equals_eager(activation, masks, dropout):
         attn_mask = torch.full((tgt_len, src_len), float("-inf"), device=DEVICE).triu(1)
     torch.manual_seed(5)
     fused = kernels.fused_attention(TRITON, q, k, v, heads=heads, scale=head_dim ** -0.5, padding=padding,
-                                    attn_mask=attn_mask, squared=activation == "relu2", dropout=dropout)
+                                    attn_mask=attn_mask, activation=activation, dropout=dropout)
     keep = None
     if dropout:
         torch.manual_seed(5)
@@ -88,3 +88,12 @@ def test_triton_launch_limits_send_larger_calls_to_the_eager_path():
     assert kernels.attention_supported(triton_kernels, 65535, 128)
     assert not kernels.attention_supported(triton_kernels, 65536, 64)
     assert not kernels.attention_supported(triton_kernels, 8, 256)
+
+
+def test_the_controls_run_eagerly_on_the_triton_backend():
+    """The Triton kernels compute ReLA's two activations; relu_len and sigmoid take the eager route on a GPU
+    (``kernels.activation_supported``), and a direct call says what the kernels compute."""
+    assert kernels.activation_supported(TRITON, "relu2") and not kernels.activation_supported(TRITON, "sigmoid")
+    q = time_major(2, 5, 8, seed=1).to(DEVICE)
+    with pytest.raises(ValueError, match="the Triton kernels compute relu, relu2 only"):
+        kernels.fused_attention(TRITON, q, q, q, heads=1, scale=0.3, activation="relu_len")

@@ -41,6 +41,7 @@ def test_reproduce_toy_writes_a_json_result_with_a_sacrebleu_signature(quick_roo
     assert "[generate] already done" in again.stderr and "[binarize] already done" in again.stderr
 
 
+@pytest.mark.one_python  # compare's own logic: fairseq's version changes nothing in it (test_compare.py's marker)
 def test_main_job_is_the_comparison_multi30k_runs_with_the_toy_tasks_aer(quick_root):
     with open(os.path.join(SCRIPTS, "toy_demo.sh"), encoding="utf-8") as f:
         assert f.read().rstrip().endswith("run_pipeline compare toy softmax rela_g")  # after setting up the env

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -50,21 +49,10 @@ SYSTEMS: dict[str, tuple[str, Optional[str]]] = {
 REFERENCE = "sdpa"
 
 
-def activate(scores: torch.Tensor, function: str) -> torch.Tensor:
-    """The eager element-wise functions of ``rela_fairseq.attention_functions`` on unmasked scores (n = all keys)."""
-    n = scores.size(-1)
-    if function == "relu":
-        return F.relu(scores)
-    if function == "relu2":
-        return F.relu(scores).square()
-    if function == "relu_len":
-        return F.relu(scores) / n
-    return torch.sigmoid(scores - math.log(n))
-
-
 def core(system: str, ext: Any, heads: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """f(q, k, v) -> O for q [B·H, T, d_h], k, v [B·H, S, d_h]."""
     from rela_fairseq import kernels
+    from rela_fairseq.rela import rectify
 
     route, function = SYSTEMS[system]
     if function is None:
@@ -78,9 +66,9 @@ def core(system: str, ext: Any, heads: int) -> Callable[[torch.Tensor, torch.Ten
             return kernels.fused_attention(ext, q, k, v, heads=heads, scale=q.size(-1) ** -0.5, activation=function)
         return fused
 
-    def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # ReLA's eager route
         scores = torch.bmm(q * q.size(-1) ** -0.5, k.transpose(1, 2))
-        return torch.bmm(activate(scores, function), v)
+        return torch.bmm(rectify(scores, function), v)
     return eager
 
 

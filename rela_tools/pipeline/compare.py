@@ -13,9 +13,9 @@ tested against softmax by paired bootstrap resampling (``significance.py``), and
 (validation loss and BLEU per saved checkpoint, ``curves.py``) is plotted.
 
 Outputs, in RESULTS_ROOT/<task>/compare/: ``compare.md`` (the table), ``compare.json``, ``sparsity.png``,
-``null_rate.png`` (per layer and head, one row of panels per system), ``cross_sentence<N>_layer<L>.png``
-(cross-attention of test sentence N in layer L, one row per system, one column per head) and
-``learning_curves.png``.
+``null_rate.png``, ``near_null_rate.png`` (per layer and head, one row of panels per system),
+``cross_sentence<N>_layer<L>.png`` (cross-attention of test sentence N in layer L, one row per system, one column per
+head), ``learning_curves.png``, and where the task has gold word alignments ``aer_by_layer.png``.
 """
 
 from __future__ import annotations

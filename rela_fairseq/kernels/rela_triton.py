@@ -5,6 +5,9 @@ results), so that ``kernels`` hands either to the model.
   head) for dK and dV and one per (block of queries, batch × head) for dQ. Scores are recomputed tile by tile and never
   stored. ReLA needs no running maximum, no row sum and no rescaling of the accumulator (FlashAttention's online
   softmax): a tile's weights are final as soon as they are computed, and the backward pass needs no row statistics.
+* The element-wise function is a compile-time parameter, ``KIND`` (the code of ``kernels.ACTIVATIONS``: ReLU, squared
+  ReLU, ReLU / n, sigmoid(x - log n + b)); n, a query row's unmasked keys, comes in as a [B, T] count, b as sigmoid's
+  bias per head, whose gradient the dQ programs sum per program for torch to add up.
 * Dropout: Philox (``tl.rand``) keyed by seed + batch·head, counter = query · S + key, regenerated in the backward
   pass. Its decisions differ from the CPU kernel's (another generator); ``dropout_mask`` returns them for the tests.
 * fp32 inputs multiply in IEEE fp32 (no TF32: results equal the eager path's to 1e-5); fp16 and bf16 multiply in
@@ -32,10 +35,26 @@ _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
 @triton.jit
-def _activated(q, k, offs_m, offs_n, bh, b, T, S, scale, add_ptr, pad_ptr, p, seed, HAS_ADD: tl.constexpr,
-               HAS_PAD: tl.constexpr, SQUARED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """Steps 2-5 on one tile: x = scale · q kᵀ + masks (0 for padded and out-of-range keys), the dropout multiplier
-    m (0 or 1 / (1 - p)) and A~ = m · act(x)."""
+def _row_shape(COUNT, BIAS, offs_m, b, bh, T, heads, KIND: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """What a query row's activation needs besides x (``rela_cpu.cpp``'s RowShape): 1 / n for ReLU / n, b - log n for
+    sigmoid, n = the row's unmasked keys (>= 1, counted by ``_unmasked_keys``), b the head's learned bias or 0."""
+    if KIND >= 2:
+        n = tl.maximum(tl.load(COUNT + b * T + offs_m, mask=offs_m < T, other=1.0), 1.0)
+    else:
+        n = tl.full(offs_m.shape, 1.0, tl.float32)
+    shift = -tl.log(n)
+    if HAS_BIAS:
+        shift += tl.load(BIAS + bh % heads)
+    return 1.0 / n, shift
+
+
+@triton.jit
+def _activated(q, k, offs_m, offs_n, bh, b, T, S, scale, add_ptr, pad_ptr, p, seed, inv_n, shift,
+               HAS_ADD: tl.constexpr, HAS_PAD: tl.constexpr, KIND: tl.constexpr, DROPOUT: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """Steps 2-5 on one tile: x = scale · q kᵀ + masks (-inf for padded and out-of-range keys), the weights
+    w = act(x) (KIND: the code of ``kernels.ACTIVATIONS``; 0 where masked), the dropout multiplier m (0 or
+    1 / (1 - p)) and A~ = m · w."""
     x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     valid_m = offs_m < T
     valid_n = offs_n < S
@@ -44,27 +63,33 @@ def _activated(q, k, offs_m, offs_n, bh, b, T, S, scale, add_ptr, pad_ptr, p, se
                      other=0.0)
     if HAS_PAD:
         pad = tl.load(pad_ptr + b * S + offs_n, mask=valid_n, other=1)
-        x = tl.where(pad[None, :] != 0, 0.0, x)
-    x = tl.where(valid_n[None, :], x, 0.0)
-    a = tl.maximum(x, 0.0)
-    if SQUARED:
-        a = a * a
+        x = tl.where(pad[None, :] != 0, float("-inf"), x)
+    x = tl.where(valid_n[None, :], x, float("-inf"))
+    if KIND == 3:  # sigmoid(x - log n + b): masked keys get 0 here, not sigmoid(-inf)'s limit
+        w = tl.where(x != float("-inf"), tl.sigmoid(x + shift[:, None]), 0.0)
+    else:
+        w = tl.maximum(x, 0.0)  # -inf (masked) -> 0
+        if KIND == 1:
+            w = w * w
+        if KIND == 2:
+            w = w * inv_n[:, None]
     if DROPOUT:
         r = tl.rand(seed + bh, offs_m[:, None] * S + offs_n[None, :])
         m = tl.where(r < p, 0.0, 1.0 / (1.0 - p))
     else:
         m = tl.full(x.shape, 1.0, tl.float32)
-    return x, m, a * m
+    return x, w, m, w * m
 
 
 @triton.jit
-def _attention_forward(Q, K, V, OUT, ADD, PAD, sq_b, sq_t, sk_b, sk_s, sv_b, sv_s, so_b, so_t, T, S, D, heads, scale,
-                       p, seed, HAS_ADD: tl.constexpr, HAS_PAD: tl.constexpr, SQUARED: tl.constexpr,
-                       DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
+def _attention_forward(Q, K, V, OUT, ADD, PAD, COUNT, BIAS, sq_b, sq_t, sk_b, sk_s, sv_b, sv_s, so_b, so_t, T, S, D,
+                       heads, scale, p, seed, HAS_ADD: tl.constexpr, HAS_PAD: tl.constexpr, KIND: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(1)
     b = bh // heads
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    inv_n, shift = _row_shape(COUNT, BIAS, offs_m, b, bh, T, heads, KIND, HAS_BIAS)
     offs_d = tl.arange(0, BLOCK_D)
     q_mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
     q = tl.load(Q + bh * sq_b + offs_m[:, None] * sq_t + offs_d[None, :], mask=q_mask, other=0.0)
@@ -74,27 +99,31 @@ def _attention_forward(Q, K, V, OUT, ADD, PAD, sq_b, sq_t, sk_b, sk_s, sv_b, sv_
         kv_mask = (offs_n[:, None] < S) & (offs_d[None, :] < D)
         k = tl.load(K + bh * sk_b + offs_n[:, None] * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + bh * sv_b + offs_n[:, None] * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
-        x, m, a = _activated(q, k, offs_m, offs_n, bh, b, T, S, scale, ADD, PAD, p, seed, HAS_ADD, HAS_PAD, SQUARED,
-                             DROPOUT, PRECISION)
+        x, w, m, a = _activated(q, k, offs_m, offs_n, bh, b, T, S, scale, ADD, PAD, p, seed, inv_n, shift, HAS_ADD,
+                                HAS_PAD, KIND, DROPOUT, PRECISION)
         acc += tl.dot(a.to(v.dtype), v, input_precision=PRECISION)
     tl.store(OUT + bh * so_b + offs_m[:, None] * so_t + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
-def _grad_scores(x, m, da, scale, SQUARED: tl.constexpr):
-    """dL/dx (times the score scale) from dL/dA~: 0 where x <= 0 (masked, padded, negative)."""
-    d = da * m * scale
-    if SQUARED:
+def _grad_activation(x, w, m, da, inv_n, KIND: tl.constexpr):
+    """dL/dx from dL/dA~ (w = act(x) before dropout): 0 where masked. For sigmoid it is also dL/d(bias)'s share."""
+    d = da * m
+    if KIND == 3:
+        return d * w * (1.0 - w)  # w = 0 where masked
+    if KIND == 1:
         d = d * 2.0 * tl.maximum(x, 0.0)  # never 0 · -inf
+    if KIND == 2:
+        d = d * inv_n[:, None]
     return tl.where(x > 0.0, d, 0.0)
 
 
 @triton.jit
-def _attention_backward_kv(Q, K, V, DO, DK, DV, ADD, PAD, sq_b, sq_t, sk_b, sk_s, sv_b, sv_s, sdo_b, sdo_t, sdk_b,
-                           sdk_s, sdv_b, sdv_s, T, S, D, heads, scale, p, seed, HAS_ADD: tl.constexpr,
-                           HAS_PAD: tl.constexpr, SQUARED: tl.constexpr, DROPOUT: tl.constexpr,
-                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
+def _attention_backward_kv(Q, K, V, DO, DK, DV, ADD, PAD, COUNT, BIAS, sq_b, sq_t, sk_b, sk_s, sv_b, sv_s, sdo_b,
+                           sdo_t, sdk_b, sdk_s, sdv_b, sdv_s, T, S, D, heads, scale, p, seed, HAS_ADD: tl.constexpr,
+                           HAS_PAD: tl.constexpr, KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(1)
     b = bh // heads
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -109,25 +138,31 @@ def _attention_backward_kv(Q, K, V, DO, DK, DV, ADD, PAD, sq_b, sq_t, sk_b, sk_s
         q_mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
         q = tl.load(Q + bh * sq_b + offs_m[:, None] * sq_t + offs_d[None, :], mask=q_mask, other=0.0)
         do = tl.load(DO + bh * sdo_b + offs_m[:, None] * sdo_t + offs_d[None, :], mask=q_mask, other=0.0)
-        x, m, a = _activated(q, k, offs_m, offs_n, bh, b, T, S, scale, ADD, PAD, p, seed, HAS_ADD, HAS_PAD, SQUARED,
-                             DROPOUT, PRECISION)
+        inv_n, shift = _row_shape(COUNT, BIAS, offs_m, b, bh, T, heads, KIND, HAS_BIAS)
+        x, w, m, a = _activated(q, k, offs_m, offs_n, bh, b, T, S, scale, ADD, PAD, p, seed, inv_n, shift, HAS_ADD,
+                                HAS_PAD, KIND, DROPOUT, PRECISION)
         a = tl.where((offs_m < T)[:, None], a, 0.0)
         dv += tl.dot(tl.trans(a.to(do.dtype)), do, input_precision=PRECISION)  # dV = A~ᵀ dO
         da = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dA~ = dO Vᵀ
-        ds = _grad_scores(x, m, da, scale, SQUARED)
+        ds = _grad_activation(x, w, m, da, inv_n, KIND) * scale
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)  # dK = scale · dSᵀ Q
     tl.store(DK + bh * sdk_b + offs_n[:, None] * sdk_s + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + bh * sdv_b + offs_n[:, None] * sdv_s + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _attention_backward_q(Q, K, V, DO, DQ, ADD, PAD, sq_b, sq_t, sk_b, sk_s, sv_b, sv_s, sdo_b, sdo_t, sdq_b, sdq_t,
-                          T, S, D, heads, scale, p, seed, HAS_ADD: tl.constexpr, HAS_PAD: tl.constexpr,
-                          SQUARED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attention_backward_q(Q, K, V, DO, DQ, ADD, PAD, COUNT, BIAS, DBIAS, sq_b, sq_t, sk_b, sk_s, sv_b, sv_s, sdo_b,
+                          sdo_t, sdq_b, sdq_t, T, S, D, heads, scale, p, seed, HAS_ADD: tl.constexpr,
+                          HAS_PAD: tl.constexpr, KIND: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """dQ; with a learned bias also dL/d(bias) summed over this program's rows into DBIAS[bh, program] (then over
+    programs and batch by torch)."""
     bh = tl.program_id(1)
     b = bh // heads
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    inv_n, shift = _row_shape(COUNT, BIAS, offs_m, b, bh, T, heads, KIND, HAS_BIAS)
+    dbias = tl.zeros([BLOCK_M], dtype=tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
     q_mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
     q = tl.load(Q + bh * sq_b + offs_m[:, None] * sq_t + offs_d[None, :], mask=q_mask, other=0.0)
@@ -138,12 +173,16 @@ def _attention_backward_q(Q, K, V, DO, DQ, ADD, PAD, sq_b, sq_t, sk_b, sk_s, sv_
         kv_mask = (offs_n[:, None] < S) & (offs_d[None, :] < D)
         k = tl.load(K + bh * sk_b + offs_n[:, None] * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + bh * sv_b + offs_n[:, None] * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
-        x, m, a = _activated(q, k, offs_m, offs_n, bh, b, T, S, scale, ADD, PAD, p, seed, HAS_ADD, HAS_PAD, SQUARED,
-                             DROPOUT, PRECISION)
+        x, w, m, a = _activated(q, k, offs_m, offs_n, bh, b, T, S, scale, ADD, PAD, p, seed, inv_n, shift, HAS_ADD,
+                                HAS_PAD, KIND, DROPOUT, PRECISION)
         da = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = _grad_scores(x, m, da, scale, SQUARED)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # dQ = scale · dS K
+        dx = _grad_activation(x, w, m, da, inv_n, KIND)
+        if HAS_BIAS:
+            dbias += tl.sum(dx, axis=1)  # rows past T: dO is 0 there
+        dq += tl.dot((dx * scale).to(k.dtype), k, input_precision=PRECISION)  # dQ = scale · dS K
     tl.store(DQ + bh * sdq_b + offs_m[:, None] * sdq_t + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+    if HAS_BIAS:
+        tl.store(DBIAS + bh * tl.num_programs(0) + tl.program_id(0), tl.sum(dbias, axis=0))
 
 
 @triton.jit
@@ -159,21 +198,40 @@ def _dropout_mask(OUT, T, S, p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _attention_step(SC, V, OUT, T, S, D, BH, heads, beam, v_block, v_row, SQUARED: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One decoding step's row: A = act(scores) written back in place, O = A V over the (beam-shared) values."""
+def _attention_step(SC, V, OUT, BIAS, T, S, D, BH, heads, beam, v_block, v_row, KIND: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One decoding step's row: A = act(scores) written back in place, O = A V over the (beam-shared) values; masked
+    keys hold -inf (ReLU / n and sigmoid count the others)."""
     row = tl.program_id(0)  # bh * T + t
     bh = row // T
     t = row % T
     kbh = (bh // heads // beam) * heads + bh % heads
     offs_d = tl.arange(0, BLOCK_D)
+    inv_n = 1.0
+    shift = 0.0
+    if KIND >= 2:
+        live = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, S, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            s = tl.load(SC + row * S + offs_n, mask=offs_n < S, other=float("-inf"))
+            live += tl.where(s != float("-inf"), 1.0, 0.0)
+        n = tl.maximum(tl.sum(live, axis=0), 1.0)
+        inv_n = 1.0 / n
+        shift = -tl.log(n)
+        if HAS_BIAS:
+            shift += tl.load(BIAS + bh % heads)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(0, S, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        s = tl.load(SC + row * S + offs_n, mask=offs_n < S, other=0.0)
-        a = tl.maximum(s, 0.0)
-        if SQUARED:
-            a = a * a
+        s = tl.load(SC + row * S + offs_n, mask=offs_n < S, other=float("-inf"))
+        if KIND == 3:
+            a = tl.where(s != float("-inf"), tl.sigmoid(s + shift), 0.0)
+        else:
+            a = tl.maximum(s, 0.0)
+            if KIND == 1:
+                a = a * a
+            if KIND == 2:
+                a = a * inv_n
         tl.store(SC + row * S + offs_n, a, mask=offs_n < S)
         v = tl.load(V + kbh * v_block + offs_n[:, None] * v_row + offs_d[None, :],
                     mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
@@ -270,9 +328,9 @@ class TritonKernels:
     """``rela_cpu.cpp``'s functions for GPU tensors (and, in Triton's interpreter, CPU tensors)."""
 
     norm_scopes = ("all",)
-    # the element-wise functions these kernels compute (``kernels.activation_supported``; the others run eagerly on
-    # a GPU): ReLA's ReLU and squared ReLU, codes 0 and 1 of ``kernels.ACTIVATIONS``
-    activations = ("relu", "relu2")
+    # the element-wise functions these kernels compute (``kernels.activation_supported``): every one of
+    # ``kernels.ACTIVATIONS``, whose codes (0 relu, 1 relu2, 2 relu_len, 3 sigmoid) the kernels take as KIND
+    activations = ("relu", "relu2", "relu_len", "sigmoid")
     # what the attention core's launches take (``kernels.attention_supported``; larger calls run eagerly): CUDA caps
     # grid axis 1, where they put batch × heads, at 65,535; above 128 the tiles of a head would outgrow a GPU's shared
     # memory (by the tile sizes; not yet measured on a GPU)
@@ -280,17 +338,20 @@ class TritonKernels:
     max_head_dim = 128
 
     @classmethod
-    def _squared(cls, kind: int, bias: Optional[Tensor]) -> bool:
-        """Squared ReLU or ReLU: what these kernels take of ``kernels.ACTIVATIONS``' codes."""
-        if kind not in range(len(cls.activations)) or bias is not None:
-            raise ValueError(f"the Triton kernels compute {', '.join(cls.activations)} only, without a bias; got "
-                             f"activation code {kind}")
-        return kind == 1
+    def _checked(cls, kind: int, bias: Optional[Tensor]) -> int:
+        """``kind``, a code of ``kernels.ACTIVATIONS``; a bias is sigmoid's (code 3) alone."""
+        if kind not in range(len(cls.activations)):
+            raise ValueError(f"the Triton kernels compute {', '.join(cls.activations)} (codes 0-"
+                             f"{len(cls.activations) - 1}); got activation code {kind}")
+        if bias is not None and cls.activations[kind] != "sigmoid":
+            raise ValueError(f"a learned bias belongs to sigmoid, not to {cls.activations[kind]}")
+        return kind
 
     @staticmethod
-    def _flags(q: Tensor, padding: Optional[Tensor], additive: Optional[Tensor], squared: bool, p: float) -> dict:
-        return dict(HAS_ADD=additive is not None, HAS_PAD=padding is not None, SQUARED=squared, DROPOUT=p > 0,
-                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    def _flags(q: Tensor, padding: Optional[Tensor], additive: Optional[Tensor], kind: int, bias: Optional[Tensor],
+               p: float) -> dict:
+        return dict(HAS_ADD=additive is not None, HAS_PAD=padding is not None, KIND=kind, HAS_BIAS=bias is not None,
+                    DROPOUT=p > 0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
     @staticmethod
     def _masks(q: Tensor, padding: Optional[Tensor], additive: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -299,27 +360,46 @@ class TritonKernels:
         add = additive.to(device=q.device, dtype=torch.float32).contiguous() if additive is not None else dummy
         return add, pad
 
+    @staticmethod
+    def _row_inputs(q: Tensor, padding: Optional[Tensor], additive: Optional[Tensor], heads: int, kind: int,
+                    src_len: int, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """COUNT [B, T], each query row's unmasked keys (relu_len and sigmoid need n; the others get a dummy), and
+        BIAS [H] (float32) or a dummy. The count is one small product, (keys not padded) · (keys the mask allows)ᵀ:
+        no [B, T, S] tensor."""
+        dummy = q.new_empty(1, dtype=torch.float32)
+        bias_in = bias.detach().to(device=q.device, dtype=torch.float32).contiguous() if bias is not None else dummy
+        if kind < 2:
+            return dummy, bias_in
+        bsz, tgt_len = q.size(0) // heads, q.size(1)
+        keys = (~padding).float() if padding is not None else q.new_ones(1, src_len, dtype=torch.float32)
+        allowed = ((additive != float("-inf")).float() if additive is not None
+                   else q.new_ones(tgt_len, src_len, dtype=torch.float32))
+        count = (keys @ allowed.t()).expand(bsz, tgt_len).contiguous()
+        return count, bias_in
+
     @_on_its_device
     def attention_forward(self, q: Tensor, k: Tensor, v: Tensor, padding: Optional[Tensor],
                           additive: Optional[Tensor], heads: int, scale: float, kind: int, bias: Optional[Tensor],
                           p: float, seed: int) -> Tensor:
-        squared = self._squared(kind, bias)
+        kind = self._checked(kind, bias)
         _check(q, k, v)
         bh, tgt_len, head_dim = q.shape
         block_m, block_n, block_d = _blocks(head_dim, q.device)
         out = _time_major_like(q)
         add, pad = self._masks(q, padding, additive)
+        count, bias_in = self._row_inputs(q, padding, additive, heads, kind, k.size(1), bias)
         _attention_forward[(triton.cdiv(tgt_len, block_m), bh)](
-            q, k, v, out, add, pad, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), tgt_len, k.size(1), head_dim, heads, scale, p, seed % SEED_RANGE,
-            **self._flags(q, padding, additive, squared, p), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+            q, k, v, out, add, pad, count, bias_in, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), out.stride(0), out.stride(1), tgt_len, k.size(1), head_dim, heads, scale, p,
+            seed % SEED_RANGE, **self._flags(q, padding, additive, kind, bias, p), BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_D=block_d)
         return out
 
     @_on_its_device
     def attention_backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, padding: Optional[Tensor],
                            additive: Optional[Tensor], heads: int, scale: float, kind: int, bias: Optional[Tensor],
-                           p: float, seed: int) -> tuple[Tensor, Tensor, Tensor, None]:
-        squared = self._squared(kind, bias)
+                           p: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        kind = self._checked(kind, bias)
         _check(q, k, v)
         if grad_out.stride(2) != 1:
             grad_out = grad_out.contiguous()
@@ -328,30 +408,37 @@ class TritonKernels:
         block_m, block_n, block_d = _blocks(head_dim, q.device)
         dq, dk, dv = _time_major_like(q), _time_major_like(k), _time_major_like(v)
         add, pad = self._masks(q, padding, additive)
-        flags = dict(self._flags(q, padding, additive, squared, p), BLOCK_M=block_m, BLOCK_N=block_n,
+        count, bias_in = self._row_inputs(q, padding, additive, heads, kind, src_len, bias)
+        q_programs = triton.cdiv(tgt_len, block_m)
+        # dL/d(bias) per (batch × head, query program), summed below: no atomics, the same sum on every run
+        dbias = torch.empty(bh, q_programs, dtype=torch.float32, device=q.device) if bias is not None else None
+        flags = dict(self._flags(q, padding, additive, kind, bias, p), BLOCK_M=block_m, BLOCK_N=block_n,
                      BLOCK_D=block_d)
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0),
                    grad_out.stride(1))
         shared = (tgt_len, src_len, head_dim, heads, scale, p, seed % SEED_RANGE)
         _attention_backward_kv[(triton.cdiv(src_len, block_n), bh)](
-            q, k, v, grad_out, dk, dv, add, pad, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            *shared, **flags)
-        _attention_backward_q[(triton.cdiv(tgt_len, block_m), bh)](
-            q, k, v, grad_out, dq, add, pad, *strides, dq.stride(0), dq.stride(1), *shared, **flags)
-        return dq, dk, dv, None
+            q, k, v, grad_out, dk, dv, add, pad, count, bias_in, *strides, dk.stride(0), dk.stride(1), dv.stride(0),
+            dv.stride(1), *shared, **flags)
+        _attention_backward_q[(q_programs, bh)](
+            q, k, v, grad_out, dq, add, pad, count, bias_in, dbias if dbias is not None else bias_in, *strides,
+            dq.stride(0), dq.stride(1), *shared, **flags)
+        return dq, dk, dv, (dbias.sum(1) if dbias is not None else None)  # [B·H], as the CPU kernel's
 
     @_on_its_device
     def attention_step(self, scores: Tensor, v: Tensor, heads: int, kind: int, bias: Optional[Tensor]) -> Tensor:
-        squared = self._squared(kind, bias)
+        kind = self._checked(kind, bias)
         if v.stride(2) != 1:  # any other layout is read in place (fairseq's cached encoder values are time-major)
             v = v.contiguous()
         bh, tgt_len, src_len = scores.shape
         kbh, _, head_dim = v.shape
         out = torch.empty(tgt_len, bh, head_dim, dtype=v.dtype, device=v.device)
         block_n = 64 if v.is_cuda else 16
-        _attention_step[(bh * tgt_len,)](scores, v, out, tgt_len, src_len, head_dim, bh, heads, bh // kbh,
-                                         v.stride(0), v.stride(1), SQUARED=squared, BLOCK_N=block_n,
-                                         BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
+        bias_in = (bias.to(device=v.device, dtype=torch.float32).contiguous() if bias is not None
+                   else scores.new_empty(1))
+        _attention_step[(bh * tgt_len,)](scores, v, out, bias_in, tgt_len, src_len, head_dim, bh, heads, bh // kbh,
+                                         v.stride(0), v.stride(1), KIND=kind, HAS_BIAS=bias is not None,
+                                         BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
         return out
 
     def dropout_mask(self, bh: int, tgt_len: int, src_len: int, p: float, seed: int,

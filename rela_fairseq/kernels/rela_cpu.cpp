@@ -234,6 +234,15 @@ inline int64_t grain(int64_t numbers_per_row) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, numbers_per_row));
 }
 
+// The queries the core handles at a time: the whole block where it is small, else enough rows for about 256K scores
+// (1 MB a buffer: the scores, weights and gradients of a block stay in the cache between the passes over them, and a
+// thread never holds T x S of anything), at least 32 rows so that the matrix products stay efficient
+constexpr int64_t kBlockScores = 262144;
+inline int64_t query_block(int64_t T, int64_t S, int64_t D) {
+  if (T * S * D <= kSmallBlock) return T;
+  return std::min<int64_t>(T, std::max<int64_t>(32, kBlockScores / std::max<int64_t>(S, 1)));
+}
+
 // a [T, B*H, D] tensor, returned as its [B*H, T, D] view (fairseq's layout, and the inputs')
 Tensor time_major_like(const Tensor& x) {
   return at::empty({x.size(1), x.size(0), x.size(2)}, x.options()).transpose(0, 1);
@@ -262,28 +271,33 @@ Tensor attention_forward(const Tensor& q_in, const Tensor& k_in, const Tensor& v
   const Tensor b = bias_of(bias, kind, heads);
   const Activation act{kind, p, static_cast<uint64_t>(seed), b.defined() ? b.data_ptr<float>() : nullptr, heads};
   Tensor out = time_major_like(q);
+  const int64_t TB = query_block(T, S, D);
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain ATen calls: no autograd bookkeeping per block
-    Tensor scores = at::empty({T, S}, q.options());
+    Tensor scores = at::empty({TB, S}, q.options());
     float* s = scores.data_ptr<float>();
     for (int64_t bh = begin; bh < end; ++bh) {
       const bool* pad_row = m.padding ? m.padding + (bh / heads) * S : nullptr;
-      const bool small = T * S * D <= kSmallBlock;
-      if (small) {
-        product_abt(rows_of(q, bh), rows_of(k, bh), s, T, S, D);
-      } else {
-        at::mm_out(scores, q[bh], k[bh].t());
-      }
-      for (int64_t i = 0; i < T; ++i) {
-        activate_row(s + i * S, nullptr, s + i * S, S, static_cast<float>(scale), pad_row,
-                     m.additive ? m.additive + i * S : nullptr, act, act.bias_of(bh),
-                     static_cast<uint64_t>((bh * T + i) * S));
-      }
-      if (small) {
-        product_xz(s, T, S, rows_of(v, bh), rows_of(out, bh), D, false);
-      } else {
-        Tensor o = out[bh];
-        at::mm_out(o, scores, v[bh]);
+      for (int64_t t0 = 0; t0 < T; t0 += TB) {  // a block of queries at a time: its scores stay in the cache
+        const int64_t tb = std::min(TB, T - t0);
+        Tensor scores_b = scores.narrow(0, 0, tb);
+        if (TB == T && T * S * D <= kSmallBlock) {
+          product_abt(rows_of(q, bh), rows_of(k, bh), s, T, S, D);
+        } else {
+          at::mm_out(scores_b, q[bh].narrow(0, t0, tb), k[bh].t());
+        }
+        for (int64_t i = 0; i < tb; ++i) {
+          const int64_t t = t0 + i;
+          activate_row(s + i * S, nullptr, s + i * S, S, static_cast<float>(scale), pad_row,
+                       m.additive ? m.additive + t * S : nullptr, act, act.bias_of(bh),
+                       static_cast<uint64_t>((bh * T + t) * S));
+        }
+        if (TB == T && T * S * D <= kSmallBlock) {
+          product_xz(s, T, S, rows_of(v, bh), rows_of(out, bh), D, false);
+        } else {
+          Tensor o = out[bh].narrow(0, t0, tb);
+          at::mm_out(o, scores_b, v[bh]);
+        }
       }
     }
   });
@@ -310,61 +324,82 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out_in, const Tensor& 
   const float keep_scale = p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f;
   const float threshold = static_cast<float>(p);
   const float scale_f = static_cast<float>(scale);
+  const int64_t TB = query_block(T, S, D);
+  const bool small = TB == T && T * S * D <= kSmallBlock;
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Tensor raw = at::empty({T, S}, q.options());      // scale * S + masks
-    Tensor weights = at::empty({T, S}, q.options());  // A~
-    Tensor grad = at::empty({T, S}, q.options());     // dL/dA~, then scale * dL/dS
+    Tensor raw = at::empty({TB, S}, q.options());      // scale * S + masks
+    Tensor weights = at::empty({TB, S}, q.options());  // A~
+    Tensor grad = at::empty({TB, S}, q.options());     // dL/dA~, then scale * dL/dS
     float* r = raw.data_ptr<float>();
     float* a = weights.data_ptr<float>();
     float* ga = grad.data_ptr<float>();
     for (int64_t bh = begin; bh < end; ++bh) {
       const bool* pad_row = m.padding ? m.padding + (bh / heads) * S : nullptr;
-      const bool small = T * S * D <= kSmallBlock;
-      if (small) {
-        product_abt(rows_of(q, bh), rows_of(k, bh), r, T, S, D);
-      } else {
-        at::mm_out(raw, q[bh], k[bh].t());
-      }
       const float bias_bh = act.bias_of(bh);
-      for (int64_t i = 0; i < T; ++i) {
-        activate_row(r + i * S, r + i * S, a + i * S, S, scale_f, pad_row, m.additive ? m.additive + i * S : nullptr,
-                     act, bias_bh, static_cast<uint64_t>((bh * T + i) * S));
+      double bias_grad = 0.0;  // a sum over T x S terms: float32 alone loses digits at a few hundred thousand
+      Tensor dk_bh = dk[bh], dv_bh = dv[bh];
+      if (T == 0) {  // no query block: nothing flows back to the keys and values
+        dk_bh.zero_();
+        dv_bh.zero_();
       }
-      if (small) {
-        product_xz(a, T, S, rows_of(g, bh), rows_of(dv, bh), D, true);  // dV = A~^T dO
-        product_abt(rows_of(g, bh), rows_of(v, bh), ga, T, S, D);       // dA~ = dO V^T
-      } else {
-        Tensor dv_bh = dv[bh];
-        at::mm_out(dv_bh, weights.t(), g[bh]);
-        at::mm_out(grad, g[bh], v[bh].t());
-      }
-      float bias_grad = 0.0f;
-      for (int64_t i = 0; i < T; ++i) {
-        const uint64_t counter0 = static_cast<uint64_t>((bh * T + i) * S);
-        float* gr = ga + i * S;
-        const float* rr = r + i * S;  // masked keys hold -inf here: no gradient
-        const RowShape row = row_shape(rr, S, act, bias_bh);
-        with_kind(act.kind, [&](auto k) {
-          constexpr int64_t K = decltype(k)::value;
-          for (int64_t j = 0; j < S; ++j) {
-            const float x = rr[j];
-            float d = x == kMasked ? 0.0f : gr[j] * keep_scale * derivative<K>(x, activation<K>(x, row), row);
-            if (p > 0 && uniform(act.seed, counter0 + j) < threshold) d = 0.0f;
-            bias_grad += d;  // d(weight)/d(bias) = d(weight)/dx for sigmoid
-            gr[j] = d * scale_f;
+      for (int64_t t0 = 0; t0 < T; t0 += TB) {  // a block of queries at a time; dK and dV add up over the blocks
+        const int64_t tb = std::min(TB, T - t0);
+        Tensor raw_b = raw.narrow(0, 0, tb), weights_b = weights.narrow(0, 0, tb), grad_b = grad.narrow(0, 0, tb);
+        const Tensor q_b = q[bh].narrow(0, t0, tb), g_b = g[bh].narrow(0, t0, tb);
+        if (small) {
+          product_abt(rows_of(q, bh), rows_of(k, bh), r, T, S, D);
+        } else {
+          at::mm_out(raw_b, q_b, k[bh].t());
+        }
+        for (int64_t i = 0; i < tb; ++i) {
+          const int64_t t = t0 + i;
+          activate_row(r + i * S, r + i * S, a + i * S, S, scale_f, pad_row, m.additive ? m.additive + t * S : nullptr,
+                       act, bias_bh, static_cast<uint64_t>((bh * T + t) * S));
+        }
+        if (small) {
+          product_xz(a, T, S, rows_of(g, bh), rows_of(dv, bh), D, true);  // dV = A~^T dO
+          product_abt(rows_of(g, bh), rows_of(v, bh), ga, T, S, D);       // dA~ = dO V^T
+        } else {
+          if (t0 == 0) {
+            at::mm_out(dv_bh, weights_b.t(), g_b);
+          } else {
+            dv_bh.addmm_(weights_b.t(), g_b);
           }
-        });
+          at::mm_out(grad_b, g_b, v[bh].t());
+        }
+        for (int64_t i = 0; i < tb; ++i) {
+          const uint64_t counter0 = static_cast<uint64_t>((bh * T + t0 + i) * S);
+          float* gr = ga + i * S;
+          const float* rr = r + i * S;  // masked keys hold -inf here: no gradient
+          const RowShape row = row_shape(rr, S, act, bias_bh);
+          float row_bias_grad = 0.0f;
+          with_kind(act.kind, [&](auto k) {
+            constexpr int64_t K = decltype(k)::value;
+            for (int64_t j = 0; j < S; ++j) {
+              const float x = rr[j];
+              float d = x == kMasked ? 0.0f : gr[j] * keep_scale * derivative<K>(x, activation<K>(x, row), row);
+              if (p > 0 && uniform(act.seed, counter0 + j) < threshold) d = 0.0f;
+              row_bias_grad += d;  // d(weight)/d(bias) = d(weight)/dx for sigmoid
+              gr[j] = d * scale_f;
+            }
+          });
+          bias_grad += row_bias_grad;
+        }
+        if (small) {
+          product_xz(ga, T, S, rows_of(k, bh), rows_of(dq, bh), D, false);  // dQ = scale * dS K
+          product_xz(ga, T, S, rows_of(q, bh), rows_of(dk, bh), D, true);   // dK = scale * dS^T Q
+        } else {
+          Tensor dq_b = dq[bh].narrow(0, t0, tb);
+          at::mm_out(dq_b, grad_b, k[bh]);
+          if (t0 == 0) {
+            at::mm_out(dk_bh, grad_b.t(), q_b);
+          } else {
+            dk_bh.addmm_(grad_b.t(), q_b);
+          }
+        }
       }
-      if (dbias_p) dbias_p[bh] = bias_grad;
-      if (small) {
-        product_xz(ga, T, S, rows_of(k, bh), rows_of(dq, bh), D, false);  // dQ = scale * dS K
-        product_xz(ga, T, S, rows_of(q, bh), rows_of(dk, bh), D, true);   // dK = scale * dS^T Q
-      } else {
-        Tensor dq_bh = dq[bh], dk_bh = dk[bh];
-        at::mm_out(dq_bh, grad, k[bh]);
-        at::mm_out(dk_bh, grad.t(), q[bh]);
-      }
+      if (dbias_p) dbias_p[bh] = static_cast<float>(bias_grad);
     }
   });
   return {dq, dk, dv, dbias};

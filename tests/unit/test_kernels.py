@@ -50,9 +50,12 @@ def no_kernel_override(monkeypatch):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("masks", ["none", "padding", "causal", "both"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("block", ["small", "large"])  # the kernel's plain loops, and its at::mm_out products
+# the kernel's plain loops; its at::mm_out products; and those over blocks of queries (rela_cpu.cpp's query_block:
+# 600 queries over 600 keys are a block of 436 and one of 164)
+@pytest.mark.parametrize("block", ["small", "large", "query_blocks"])
 def test_attention_core_equals_eager(ext, activation, masks, dropout, block):
-    bsz, heads, tgt_len, head_dim = (3, 4, 6, 8) if block == "small" else (2, 2, 40, 32)
+    sizes = {"small": (3, 4, 6, 8), "large": (2, 2, 40, 32), "query_blocks": (1, 2, 600, 8)}
+    bsz, heads, tgt_len, head_dim = sizes[block]
     src_len = tgt_len if masks in ("causal", "both") else tgt_len + 3
     q = time_major(bsz * heads, tgt_len, head_dim, seed=1)
     k, v = (time_major(bsz * heads, src_len, head_dim, seed=s) for s in (2, 3))
@@ -221,10 +224,11 @@ def test_decoding_step_adds_sigmoids_bias_per_head(ext):
 
 
 @pytest.mark.parametrize("masks", ["padding", "causal"])
-def test_sigmoid_bias_per_head_gets_the_eager_gradient(ext, masks):
+@pytest.mark.parametrize("length", [9, 600])  # one block of queries; two (the gradient summed over them)
+def test_sigmoid_bias_per_head_gets_the_eager_gradient(ext, masks, length):
     """The learned bias of --sigmoid-bias learned: added per head inside the kernel, its gradient summed over every
     (batch x head) block of that head."""
-    bsz, heads, length, head_dim = 3, 4, 9, 8
+    bsz, heads, head_dim = 3, 4, 8
     q, k, v = (time_major(bsz * heads, length, head_dim, seed=s) for s in (1, 2, 3))
     padding = attn_mask = None
     if masks == "padding":

@@ -49,14 +49,15 @@ for version in "${!venvs[@]}"; do
   log "running the tests on Python $version"
   (
     cd "$REPO_ROOT"
-    # what does not depend on fairseq's version runs once, under 3.11 (pytest.ini, marker one_python)
-    only=(); if [[ $version != 3.11 && -n ${venvs[3.11]:-} ]]; then only=(-m "not one_python"); fi
+    # what does not depend on fairseq's version (pytest.ini, marker one_python) runs once: tests/conftest.py shares it
+    # between the two legs when both run (ONE_PYTHON_UNDER_310), and runs all of it in a single leg
+    leg=; if (( ${#venvs[@]} > 1 )); then leg=$version; fi
     # the ReLA models run through the fused kernels under 3.11 and through the eager operators under 3.10: the suite
     # passes with both (tests/unit/test_kernels.py compares the two on each version whatever this says)
     kernel=fused; if [[ $version == 3.10 ]]; then kernel=eager; fi
     RELA_FAIRSEQ_KERNEL=${RELA_FAIRSEQ_KERNEL:-$kernel} OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads} \
-      "${venvs[$version]}/bin/python" -m pytest -p no:cacheprovider \
-      "${only[@]}" "${paths[@]}" "$@" 2>&1 | sed -u "s/^/[py$version] /"
+      RELA_TESTS_LEG=$leg "${venvs[$version]}/bin/python" -m pytest -p no:cacheprovider \
+      "${paths[@]}" "$@" 2>&1 | sed -u "s/^/[py$version] /"
     exit "${PIPESTATUS[0]}"
   ) &
   pids[$version]=$!

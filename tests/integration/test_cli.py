@@ -21,7 +21,7 @@ def generate(data, checkpoint, *extra, check=True):
 
 
 # the entmax family's mappings (the entmax package) do not depend on fairseq's version, and the command-line plumbing
-# they share with softmax and ReLA runs under both: they run once, under Python 3.11 (marker one_python)
+# they share with softmax and ReLA runs under both: they run once, under Python 3.11 (marker one_python, conftest.py)
 ONE_PYTHON_SYSTEMS = ("sparsemax", "entmax15", "entmax_alpha")
 
 

@@ -68,10 +68,10 @@ def test_tune_trains_each_grid_point_into_its_own_folder_and_scores_on_validatio
     report = json.loads((tune_dir / "tune.json").read_text())
     for system in ("softmax", "rela_g"):
         points = report["systems"][system]["points"]
-        assert [p["train"] for p in points] == [{"lr": 0.002, "warmup_updates": 300},
-                                                {"lr": 0.002, "warmup_updates": 600}]
+        assert [p["train"] for p in points] == [{"lr": 0.003, "warmup_updates": 300},
+                                                {"lr": 0.003, "warmup_updates": 600}]
         assert sum(p["chosen"] for p in points) == 1 and all(p["valid_loss"]["mean"] for p in points)
-        for name in (f"{system}@lr=0.002,warmup_updates=300", f"{system}@lr=0.002,warmup_updates=600"):
+        for name in (f"{system}@lr=0.003,warmup_updates=300", f"{system}@lr=0.003,warmup_updates=600"):
             assert (root / "checkpoints" / "multi30k_de_en-quick" / name / "checkpoint_last.pt").exists()
     chosen = json.loads((tune_dir / "tuned.json").read_text())["systems"]
     assert set(chosen) == {"softmax", "rela_g"}
@@ -90,7 +90,7 @@ def test_compare_runs_each_system_at_its_tuned_setting_with_curves_and_significa
     report = json.loads((root / "results" / "multi30k_de_en-quick" / "compare" / "compare.json").read_text())
     for system in ("softmax", "rela_g"):
         s = report["systems"][system]
-        assert s["setting"]["source"] == "tuned" and s["setting"]["describe"].startswith("lr 0.002, warmup_updates")
+        assert s["setting"]["source"] == "tuned" and s["setting"]["describe"].startswith("lr 0.003, warmup_updates")
         curve = s["runs"][0]["curve"]
         assert [p["updates"] for p in curve if p["valid_bleu"] is not None] == [10, 20]
         assert all(p["valid_loss"] is not None for p in curve) and s["brevity_penalty"]["mean"] is not None

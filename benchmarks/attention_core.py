@@ -11,6 +11,10 @@ identical SDPA call (``sdpa_control``), whose ratio shows how far two identical 
 * ``decode``: one query against ``length`` cached keys, the step of incremental decoding (no gradients);
 * peak memory of ``train`` (the growth of the process's resident memory, as benchmarks/speed.py measures it).
 
+``products`` times the matrix products alone (2 forward, 5 backward with the scores recomputed, as the fused core and
+flash attention's backward compute them), without any attention function: how close each core runs to the arithmetic
+it cannot avoid.
+
 Each element-wise function (ReLA's ReLU and squared ReLU, ReLU/n, sigmoid) runs through the fused kernels
 (``--rela-kernel auto``), and ReLA's ReLU also through PyTorch operators (``rela_eager``, the eager route). The
 ``route`` column says which.
@@ -45,6 +49,9 @@ SYSTEMS: dict[str, tuple[str, Optional[str]]] = {
     "relu_len": ("fused", "relu_len"),
     "sigmoid": ("fused", "sigmoid"),
     "rela_eager": ("eager", "relu"),
+    # the matrix products alone (2 forward, 5 backward, as every route and flash attention's backward do), no function:
+    # the floor that no core with these products can beat without skipping some of them
+    "products": ("products only", None),
 }
 REFERENCE = "sdpa"
 
@@ -55,6 +62,8 @@ def core(system: str, ext: Any, heads: int) -> Callable[[torch.Tensor, torch.Ten
     from rela_fairseq.rela import rectify
 
     route, function = SYSTEMS[system]
+    if route == "products only":
+        return lambda q, k, v: _Products.apply(q, k, v, q.size(-1) ** -0.5)
     if function is None:
         def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             shape = (-1, heads, *q.shape[1:])
@@ -70,6 +79,26 @@ def core(system: str, ext: Any, heads: int) -> Callable[[torch.Tensor, torch.Ten
         scores = torch.bmm(q * q.size(-1) ** -0.5, k.transpose(1, 2))
         return torch.bmm(rectify(scores, function), v)
     return eager
+
+
+class _Products(torch.autograd.Function):
+    """O = (scale · Q Kᵀ) V and its gradients, recomputing the scores in the backward pass as the fused core does:
+    the seven matrix products of an attention core and nothing else."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(q, k, v)
+        ctx.scale = scale
+        return torch.bmm(torch.bmm(q * scale, k.transpose(1, 2)), v)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        q, k, v = ctx.saved_tensors
+        scaled_q = q * ctx.scale
+        scores = torch.bmm(scaled_q, k.transpose(1, 2))
+        grad_v = torch.bmm(scores.transpose(1, 2), grad)
+        grad_scores = torch.bmm(grad, v.transpose(1, 2))
+        return torch.bmm(grad_scores, k) * ctx.scale, torch.bmm(grad_scores.transpose(1, 2), scaled_q), grad_v, None
 
 
 def step(system: str, ext: Any, heads: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:

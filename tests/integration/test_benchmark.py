@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import torch
 from helpers import REPO
 
 from rela_tools.systems import PAPER_SYSTEMS
@@ -108,7 +109,7 @@ def test_attention_core_benchmark_against_sdpa_quick(tmp_path):
     assert "**train** (forward + backward): speed × SDPA (> 1: faster), and peak memory × SDPA's" in proc.stdout
     assert "**decode** (one query against the cached keys, no gradients)" in proc.stdout
     rows = json.loads(out.read_text())["results"]
-    systems = {"sdpa", "sdpa_control", "rela", "relu2", "rela_eager", "relu_len", "sigmoid"}
+    systems = {"sdpa", "sdpa_control", "rela", "relu2", "rela_eager", "relu_len", "sigmoid", "products"}
     assert {(r["mode"], r["length"], r["system"]) for r in rows} == {
         (mode, length, system) for mode in ("train", "decode") for length in (32, 64) for system in systems}
     for r in rows:
@@ -118,6 +119,18 @@ def test_attention_core_benchmark_against_sdpa_quick(tmp_path):
             assert r["speed_vs_sdpa"] == 1.0
     assert {r["route"] for r in rows if r["system"] in ("rela", "relu2", "relu_len", "sigmoid")} == {"fused"}
     assert {r["route"] for r in rows if r["system"] == "rela_eager"} == {"eager"}
+    assert {r["route"] for r in rows if r["system"] == "products"} == {"products only"}
+
+
+def test_the_products_floor_computes_the_attention_products_and_their_gradients():
+    """``products``: O = (scale · Q Kᵀ) V with its seven matrix products, the gradients of the plain expression."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import attention_core
+
+    q, k, v = (torch.randn(3, 5, 4, dtype=torch.double, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda q, k, v: attention_core._Products.apply(q, k, v, 0.5), (q, k, v))
+    out = attention_core.core("products", None, heads=1)(q, k, v)
+    torch.testing.assert_close(out, torch.bmm(torch.bmm(q * 0.5, k.transpose(1, 2)), v))
 
 
 def test_attention_core_benchmark_rejects_bad_arguments():

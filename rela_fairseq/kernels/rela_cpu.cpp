@@ -373,18 +373,26 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out_in, const Tensor& 
           float* gr = ga + i * S;
           const float* rr = r + i * S;  // masked keys hold -inf here: no gradient
           const RowShape row = row_shape(rr, S, act, bias_bh);
-          float row_bias_grad = 0.0f;
+          // separate loops, as in activate_row: the dropout hash and sigmoid's bias sum (a float reduction, which the
+          // compiler keeps in order and so does not vectorise) run only where they apply
           with_kind(act.kind, [&](auto k) {
             constexpr int64_t K = decltype(k)::value;
             for (int64_t j = 0; j < S; ++j) {
               const float x = rr[j];
-              float d = x == kMasked ? 0.0f : gr[j] * keep_scale * derivative<K>(x, activation<K>(x, row), row);
-              if (p > 0 && uniform(act.seed, counter0 + j) < threshold) d = 0.0f;
-              row_bias_grad += d;  // d(weight)/d(bias) = d(weight)/dx for sigmoid
-              gr[j] = d * scale_f;
+              gr[j] = x == kMasked ? 0.0f : gr[j] * keep_scale * derivative<K>(x, activation<K>(x, row), row);
             }
+            if (p > 0) {
+              for (int64_t j = 0; j < S; ++j) {
+                if (uniform(act.seed, counter0 + j) < threshold) gr[j] = 0.0f;
+              }
+            }
+            if (K == kSigmoid && dbias_p) {
+              float row_bias_grad = 0.0f;  // d(weight)/d(bias) = d(weight)/dx for sigmoid
+              for (int64_t j = 0; j < S; ++j) row_bias_grad += gr[j];
+              bias_grad += row_bias_grad;
+            }
+            for (int64_t j = 0; j < S; ++j) gr[j] *= scale_f;
           });
-          bias_grad += row_bias_grad;
         }
         if (small) {
           product_xz(ga, T, S, rows_of(k, bh), rows_of(dq, bh), D, false);  // dQ = scale * dS K

@@ -129,7 +129,8 @@ def pytest_collection_modifyitems(config, items):
     other = [item for item in items if item.get_closest_marker("one_python") and one_python_leg(item) != leg]
     if other:
         config.hook.pytest_deselected(items=other)
-        items[:] = [item for item in items if item not in set(other)]
+        deselected = set(other)
+        items[:] = [item for item in items if item not in deselected]
 
 
 def pytest_report_header(config):

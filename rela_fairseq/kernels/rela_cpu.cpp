@@ -272,6 +272,7 @@ Tensor attention_forward(const Tensor& q_in, const Tensor& k_in, const Tensor& v
   const Activation act{kind, p, static_cast<uint64_t>(seed), b.defined() ? b.data_ptr<float>() : nullptr, heads};
   Tensor out = time_major_like(q);
   const int64_t TB = query_block(T, S, D);
+  const bool small = T * S * D <= kSmallBlock;  // then one block of all T queries (query_block)
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain ATen calls: no autograd bookkeeping per block
     Tensor scores = at::empty({TB, S}, q.options());
@@ -280,10 +281,10 @@ Tensor attention_forward(const Tensor& q_in, const Tensor& k_in, const Tensor& v
       const bool* pad_row = m.padding ? m.padding + (bh / heads) * S : nullptr;
       for (int64_t t0 = 0; t0 < T; t0 += TB) {  // a block of queries at a time: its scores stay in the cache
         const int64_t tb = std::min(TB, T - t0);
-        Tensor scores_b = scores.narrow(0, 0, tb);
-        if (TB == T && T * S * D <= kSmallBlock) {
+        if (small) {
           product_abt(rows_of(q, bh), rows_of(k, bh), s, T, S, D);
         } else {
+          Tensor scores_b = scores.narrow(0, 0, tb);
           at::mm_out(scores_b, q[bh].narrow(0, t0, tb), k[bh].t());
         }
         for (int64_t i = 0; i < tb; ++i) {
@@ -292,11 +293,11 @@ Tensor attention_forward(const Tensor& q_in, const Tensor& k_in, const Tensor& v
                        m.additive ? m.additive + t * S : nullptr, act, act.bias_of(bh),
                        static_cast<uint64_t>((bh * T + t) * S));
         }
-        if (TB == T && T * S * D <= kSmallBlock) {
+        if (small) {
           product_xz(s, T, S, rows_of(v, bh), rows_of(out, bh), D, false);
         } else {
           Tensor o = out[bh].narrow(0, t0, tb);
-          at::mm_out(o, scores_b, v[bh]);
+          at::mm_out(o, scores.narrow(0, 0, tb), v[bh]);
         }
       }
     }
@@ -325,7 +326,7 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out_in, const Tensor& 
   const float threshold = static_cast<float>(p);
   const float scale_f = static_cast<float>(scale);
   const int64_t TB = query_block(T, S, D);
-  const bool small = TB == T && T * S * D <= kSmallBlock;
+  const bool small = T * S * D <= kSmallBlock;  // then one block of all T queries (query_block)
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor raw = at::empty({TB, S}, q.options());      // scale * S + masks
@@ -338,18 +339,22 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out_in, const Tensor& 
       const bool* pad_row = m.padding ? m.padding + (bh / heads) * S : nullptr;
       const float bias_bh = act.bias_of(bh);
       double bias_grad = 0.0;  // a sum over T x S terms: float32 alone loses digits at a few hundred thousand
-      Tensor dk_bh = dk[bh], dv_bh = dv[bh];
       if (T == 0) {  // no query block: nothing flows back to the keys and values
-        dk_bh.zero_();
-        dv_bh.zero_();
+        dk[bh].zero_();
+        dv[bh].zero_();
       }
-      for (int64_t t0 = 0; t0 < T; t0 += TB) {  // a block of queries at a time; dK and dV add up over the blocks
+      // a block of queries at a time; dK and dV add up over the blocks. The small path takes no tensor views: on
+      // short sentences they cost more than the block's arithmetic
+      for (int64_t t0 = 0; t0 < T; t0 += TB) {
         const int64_t tb = std::min(TB, T - t0);
-        Tensor raw_b = raw.narrow(0, 0, tb), weights_b = weights.narrow(0, 0, tb), grad_b = grad.narrow(0, 0, tb);
-        const Tensor q_b = q[bh].narrow(0, t0, tb), g_b = g[bh].narrow(0, t0, tb);
+        Tensor grad_b, q_b, g_b;
         if (small) {
           product_abt(rows_of(q, bh), rows_of(k, bh), r, T, S, D);
         } else {
+          grad_b = grad.narrow(0, 0, tb);
+          q_b = q[bh].narrow(0, t0, tb);
+          g_b = g[bh].narrow(0, t0, tb);
+          Tensor raw_b = raw.narrow(0, 0, tb);
           at::mm_out(raw_b, q_b, k[bh].t());
         }
         for (int64_t i = 0; i < tb; ++i) {
@@ -361,6 +366,8 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out_in, const Tensor& 
           product_xz(a, T, S, rows_of(g, bh), rows_of(dv, bh), D, true);  // dV = A~^T dO
           product_abt(rows_of(g, bh), rows_of(v, bh), ga, T, S, D);       // dA~ = dO V^T
         } else {
+          Tensor dv_bh = dv[bh];
+          const Tensor weights_b = weights.narrow(0, 0, tb);
           if (t0 == 0) {
             at::mm_out(dv_bh, weights_b.t(), g_b);
           } else {
@@ -398,7 +405,7 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out_in, const Tensor& 
           product_xz(ga, T, S, rows_of(k, bh), rows_of(dq, bh), D, false);  // dQ = scale * dS K
           product_xz(ga, T, S, rows_of(q, bh), rows_of(dk, bh), D, true);   // dK = scale * dS^T Q
         } else {
-          Tensor dq_b = dq[bh].narrow(0, t0, tb);
+          Tensor dq_b = dq[bh].narrow(0, t0, tb), dk_bh = dk[bh];
           at::mm_out(dq_b, grad_b, k[bh]);
           if (t0 == 0) {
             at::mm_out(dk_bh, grad_b.t(), q_b);

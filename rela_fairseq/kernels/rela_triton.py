@@ -49,6 +49,21 @@ def _row_shape(COUNT, BIAS, offs_m, b, bh, T, heads, KIND: tl.constexpr, HAS_BIA
 
 
 @triton.jit
+def _activation(x, inv_n, shift, KIND: tl.constexpr):
+    """The element-wise function of ``kernels.ACTIVATIONS``' code KIND on scores x whose masked keys hold -inf (0
+    there, for sigmoid too, not its limit); inv_n and shift as ``_row_shape`` gives them, broadcast to x."""
+    if KIND == 3:  # sigmoid(x - log n + b)
+        w = tl.where(x != float("-inf"), tl.sigmoid(x + shift), 0.0)
+    else:
+        w = tl.maximum(x, 0.0)  # -inf (masked) -> 0
+        if KIND == 1:
+            w = w * w
+        if KIND == 2:
+            w = w * inv_n
+    return w
+
+
+@triton.jit
 def _activated(q, k, offs_m, offs_n, bh, b, T, S, scale, add_ptr, pad_ptr, p, seed, inv_n, shift,
                HAS_ADD: tl.constexpr, HAS_PAD: tl.constexpr, KIND: tl.constexpr, DROPOUT: tl.constexpr,
                PRECISION: tl.constexpr):
@@ -65,14 +80,7 @@ def _activated(q, k, offs_m, offs_n, bh, b, T, S, scale, add_ptr, pad_ptr, p, se
         pad = tl.load(pad_ptr + b * S + offs_n, mask=valid_n, other=1)
         x = tl.where(pad[None, :] != 0, float("-inf"), x)
     x = tl.where(valid_n[None, :], x, float("-inf"))
-    if KIND == 3:  # sigmoid(x - log n + b): masked keys get 0 here, not sigmoid(-inf)'s limit
-        w = tl.where(x != float("-inf"), tl.sigmoid(x + shift[:, None]), 0.0)
-    else:
-        w = tl.maximum(x, 0.0)  # -inf (masked) -> 0
-        if KIND == 1:
-            w = w * w
-        if KIND == 2:
-            w = w * inv_n[:, None]
+    w = _activation(x, inv_n[:, None], shift[:, None], KIND)
     if DROPOUT:
         r = tl.rand(seed + bh, offs_m[:, None] * S + offs_n[None, :])
         m = tl.where(r < p, 0.0, 1.0 / (1.0 - p))
@@ -224,14 +232,7 @@ def _attention_step(SC, V, OUT, BIAS, T, S, D, BH, heads, beam, v_block, v_row, 
     for start in range(0, S, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         s = tl.load(SC + row * S + offs_n, mask=offs_n < S, other=float("-inf"))
-        if KIND == 3:
-            a = tl.where(s != float("-inf"), tl.sigmoid(s + shift), 0.0)
-        else:
-            a = tl.maximum(s, 0.0)
-            if KIND == 1:
-                a = a * a
-            if KIND == 2:
-                a = a * inv_n
+        a = _activation(s, inv_n, shift, KIND)
         tl.store(SC + row * S + offs_n, a, mask=offs_n < S)
         v = tl.load(V + kbh * v_block + offs_n[:, None] * v_row + offs_d[None, :],
                     mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)

@@ -29,8 +29,10 @@ from fairseq.models.transformer import (
 )
 from fairseq.modules import FairseqDropout
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from fairseq.utils import safe_getattr
 from torch import nn
 
+from .attention import RelaMultiheadAttention
 from .layers import RelaDecoderLayer, RelaEncoderLayer
 from .rela import RelaNorm, private_generator
 from .settings import RelaTransformerConfig, add_args, flat_namespace, set_defaults
@@ -75,9 +77,15 @@ class RelaTransformerModel(TransformerModel):
         # The ReLA gain and gate come from a private generator, so that models built with the same seed share every
         # other initial weight whatever their attention function (and --attn-fn softmax draws exactly like stock).
         generator = private_generator()
+        zero_qkv_bias = safe_getattr(args, "attn_qkv_bias_init", "uniform") == "zero"
         for module in self.modules():
             if isinstance(module, RelaNorm):
                 module.reset_parameters(generator)
+            elif isinstance(module, RelaMultiheadAttention) and zero_qkv_bias:
+                # zeroed after drawing, so that every other initial weight is the uniform run's
+                for projection in (module.q_proj, module.k_proj, module.v_proj):
+                    if projection.bias is not None:
+                        nn.init.zeros_(projection.bias)
             elif isinstance(module, FairseqDropout):
                 module.module_name = STOCK_DROPOUT_NAMES.get(module.module_name, module.module_name)
 

@@ -19,7 +19,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models.transformer import TransformerConfig
 from fairseq.utils import safe_getattr
 
-from rela_tools.attention_types import ATTENTION_TYPE, ATTENTION_TYPES
+from rela_tools.attention_types import ATTENTION_TYPE, ATTENTION_TYPES, QKV_BIAS_INITS
 from rela_tools.errors import RelaConfigError
 
 from .attention_functions import ATTENTION_FUNCTIONS, SIGMOID_BIASES
@@ -86,6 +86,14 @@ class AttentionSettings(FairseqDataclass):
         return cls(**values)
 
 
+# Model options beside the attention function's: (name, type, field), each default, choice and help once.
+MODEL_FIELDS: list[tuple[str, Any, Any]] = [
+    ("attn_qkv_bias_init", ChoiceEnum(QKV_BIAS_INITS), field(
+        default="uniform", metadata={"help": "initial q/k/v projection biases of every attention module: uniform, "
+                                             "nn.Linear's U(+-1/sqrt(d)) as fairseq's Transformer; zero, as the ReLA "
+                                             "authors' toolkit (bzhangGo/zero) initialises them. The other initial "
+                                             "weights are the same for either"})),
+]
 PER_TYPE_HELP = "attention function of the {label} (default: --attn-fn)"
 PAPER_DEFAULTS = {  # transformer_rela's own defaults for fairseq's Transformer options: the paper's setting
     "attention_dropout": 0.1,
@@ -132,7 +140,7 @@ def _from_namespace(cls, args):
 
 RelaTransformerConfig = make_dataclass(
     "RelaTransformerConfig",
-    [*_flat_transformer_fields(),
+    [*_flat_transformer_fields(), *MODEL_FIELDS,
      *((t.option, Optional[ATTN_FN], field(default=None, metadata={"help": PER_TYPE_HELP.format(label=t.label)}))
        for t in ATTENTION_TYPES)],
     bases=(AttentionSettings,),
@@ -153,10 +161,12 @@ def _plain(value):
 
 
 def set_defaults(args: argparse.Namespace, paper: bool = True) -> None:
-    """The architecture functions' defaults, from the dataclass: every attention setting (and per-type override) a
-    Namespace lacks, and with ``paper`` the paper's dropout and tied embeddings (``PAPER_DEFAULTS``)."""
+    """The architecture functions' defaults, from the dataclasses: every attention setting (and per-type override) and
+    every ``MODEL_FIELDS`` option a Namespace lacks, and with ``paper`` the paper's dropout and tied embeddings
+    (``PAPER_DEFAULTS``)."""
     defaults = {f.name: f.default for f in fields(AttentionSettings)}
     defaults.update({t.option: None for t in ATTENTION_TYPES})
+    defaults.update({name: spec.default for name, _, spec in MODEL_FIELDS})
     if paper:
         defaults.update(PAPER_DEFAULTS)
     for name, value in defaults.items():

@@ -19,3 +19,8 @@ ATTENTION_TYPES = (
     AttentionType("cross", "cross", "cross-attention", "encoder_attn", "cross_attn_fn"),
 )
 ATTENTION_TYPE = {t.name: t for t in ATTENTION_TYPES}
+
+# The initial q/k/v projection biases of every attention module (transformer_rela's --attn-qkv-bias-init, the
+# pipeline's train.attn_qkv_bias_init): uniform, nn.Linear's U(±1/sqrt(d)) as in fairseq's Transformer; zero, as the
+# ReLA authors' toolkit (bzhangGo/zero) initialises its biases.
+QKV_BIAS_INITS = ("uniform", "zero")

@@ -37,6 +37,7 @@ OPTIONS = {
     "label_smoothing": "--label-smoothing",
     "weight_decay": "--weight-decay",
     "clip_norm": "--clip-norm",
+    "attn_qkv_bias_init": "--attn-qkv-bias-init",
     "save_interval_updates": "--save-interval-updates",
     "keep_interval_updates": "--keep-interval-updates",
     "keep_last_epochs": "--keep-last-epochs",

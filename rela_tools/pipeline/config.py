@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..attention_types import QKV_BIAS_INITS
 from ..errors import RelaConfigError
 from ..systems import SYSTEMS
 
@@ -33,6 +34,13 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_
 class ListOf:
     def __init__(self, item: Any):
         self.item = item
+
+
+class OneOf:
+    """A string out of ``choices``."""
+
+    def __init__(self, *choices: str):
+        self.choices = choices
 
 
 class MapOf:
@@ -78,6 +86,7 @@ TRAIN_KEYS = {
     "label_smoothing": NUMBER,
     "weight_decay": NUMBER,
     "clip_norm": NUMBER,
+    "attn_qkv_bias_init": OneOf(*QKV_BIAS_INITS),  # transformer_rela's --attn-qkv-bias-init
     "save_interval_updates": int,
     "keep_interval_updates": int,
     "keep_last_epochs": int,
@@ -88,7 +97,7 @@ TRAIN_KEYS = {
 }
 # what a tuning grid may vary: settings that change the trained model, or (evaluate) only how it is decoded
 TUNABLE_TRAIN_KEYS = ("lr", "warmup_updates", "warmup_init_lr", "max_update", "dropout", "attention_dropout",
-                      "activation_dropout", "label_smoothing", "weight_decay", "clip_norm")
+                      "activation_dropout", "label_smoothing", "weight_decay", "clip_norm", "attn_qkv_bias_init")
 TUNABLE_EVALUATE_KEYS = ("lenpen", "beam", "max_len_a", "max_len_b")
 # train settings that do not change the trained weights (how often to log, how many old checkpoints to keep), and
 # max_update, which only says where training stops: a run may go on to a larger one. The others make a run's identity.
@@ -181,6 +190,10 @@ def check_schema(value: Any, spec: Any, where: str, path: str) -> None:
             fail(f"{where} should be a list, got {type(value).__name__} {value!r}")
         for i, item in enumerate(value):
             check_schema(item, spec.item, f"{where}[{i}]", path)
+        return
+    if isinstance(spec, OneOf):
+        if value is not None and value not in spec.choices:
+            fail(f"{where} = {value!r} is not one of {', '.join(spec.choices)}")
         return
     types = spec if isinstance(spec, tuple) else (spec,)
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)

@@ -71,7 +71,7 @@ def test_generation_runs_our_attention_not_softmax(trained, toy_bin, tmp_path):
 
 def test_bad_attention_options_are_rejected_at_argument_parsing(toy_bin, tmp_path):
     bad = (("--attn-fn", "relu"), ("--cross-attn-fn", "linear"), ("--rela-variant", "gate"), ("--rela-norm", "batch"),
-           ("--rela-activation", "gelu"))
+           ("--rela-activation", "gelu"), ("--attn-qkv-bias-init", "ones"))
     procs = [start_cli("fairseq-train", *train_args(toy_bin, tmp_path / "never", 1, option, value))
              for option, value in bad]
     for (option, value), started in zip(bad, procs):

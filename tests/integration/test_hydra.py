@@ -21,7 +21,7 @@ def test_hydra_train_honours_the_attention_options_and_generate_loads_it(toy_bin
     save_dir = tmp_path / "checkpoints"
     save_dir.mkdir()
     proc = hydra_train(toy_bin, save_dir, f"_name:transformer_rela,attn_fn:sparsemax,cross_attn_fn:rela,"
-                                          f"rela_norm_scope:head,{SMALL}")
+                                          f"rela_norm_scope:head,attn_qkv_bias_init:zero,{SMALL}")
     log = proc.stdout + proc.stderr
     assert log.count("(attn_fn): Sparsemax()") == 2  # encoder and decoder self-attention
     assert "(norm): RelaNorm(32, norm=rms, scope=head, gated)" in log  # cross-attention, per-head norm

@@ -246,6 +246,7 @@ def test_the_results_table_keeps_runs_of_other_settings_apart():
 
 def test_set_on_the_command_line_overrides_every_system_into_folders_of_their_own(tmp_path, monkeypatch):
     from rela_tools.pipeline.__main__ import fairseq_extra_args, parse_args
+    from rela_tools.pipeline.commands import train_command
     from rela_tools.pipeline.config import parse_set_option
 
     pipeline_folders(tmp_path, monkeypatch)
@@ -261,9 +262,15 @@ def test_set_on_the_command_line_overrides_every_system_into_folders_of_their_ow
     setting = task.setting("rela_g")
     assert (setting.tag, setting.source, setting.evaluate["lenpen"]) == ("max_update=60", "--set", 1.0)
     assert task.run_name("softmax", 2) == "softmax@max_update=60-seed2"
+    # the authors' zero q/k/v biases: a training setting of its own, in the run's name and on fairseq-train's line
+    task.command_line["train"]["attn_qkv_bias_init"] = parse_set_option("train.attn_qkv_bias_init=zero")[2]
+    assert task.run_name("rela_g") == "rela_g@max_update=60,attn_qkv_bias_init=zero"
+    command, _ = train_command(task, "rela_g")
+    assert command[command.index("--attn-qkv-bias-init") + 1] == "zero"
     for bad, message in (("max_update=5", "give SECTION.KEY=VALUE"),
                          ("train.max_updates=5", "unknown key 'max_updates'"),
                          ("train.max_update=many", r"train.max_update = 'many' should be int"),
-                         ("train.seed=2", "unknown key 'seed'")):
+                         ("train.seed=2", "unknown key 'seed'"),
+                         ("train.attn_qkv_bias_init=ones", "'ones' is not one of uniform, zero")):
         with pytest.raises(RelaConfigError, match=message):
             parse_set_option(bad)

@@ -77,6 +77,19 @@ def test_softmax_has_the_stock_parameters_and_initialisation():
         assert torch.equal(p, rela[name]), name
 
 
+@pytest.mark.parametrize("attn_fn", ["rela", "softmax"])
+def test_zero_qkv_bias_init_zeroes_those_biases_and_draws_every_other_weight_alike(attn_fn):
+    uniform = dict(build_model(task=TASK, attn_fn=attn_fn, seed=7).named_parameters())
+    zero = dict(build_model(task=TASK, attn_fn=attn_fn, seed=7, attn_qkv_bias_init="zero").named_parameters())
+    qkv_biases = [name for name in zero if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]
+    assert len(qkv_biases) == 3 * 6  # three projections in each of the tiny model's six attention modules
+    for name, p in zero.items():
+        if name in qkv_biases:
+            assert torch.count_nonzero(p) == 0 and torch.count_nonzero(uniform[name]) == p.numel(), name
+        else:
+            assert torch.equal(p, uniform[name]), name
+
+
 def test_retain_dropout_modules_takes_the_stock_names():
     """fairseq-generate --retain-dropout-modules picks dropout modules by their owner's class name; a list written
     for the stock Transformer (Monte-Carlo dropout recipes) keeps ours too."""
@@ -218,7 +231,13 @@ def test_readme_option_table_matches_the_settings_dataclass():
 
     from helpers import REPO
 
-    from rela_fairseq.settings import ATTENTION_TYPES, AttentionSettings, field_choices
+    from rela_fairseq.settings import (
+        ATTENTION_TYPES,
+        MODEL_FIELDS,
+        AttentionSettings,
+        RelaTransformerConfig,
+        field_choices,
+    )
 
     readme = open(os.path.join(REPO, "docs", "usage.md"), encoding="utf-8").read()
     rows = {}
@@ -227,7 +246,9 @@ def test_readme_option_table_matches_the_settings_dataclass():
             options, choices = line.split("|")[1:3]
             for option in re.findall(r"`--([\w-]+)`", options):
                 rows[option.replace("-", "_")] = re.findall(r"`([^`]+)`", choices)
-    for f in (f for f in fields(AttentionSettings) if not f.name.startswith("_")):
+    model_fields = [f for f in fields(RelaTransformerConfig) if f.name in {name for name, _, _ in MODEL_FIELDS}]
+    assert len(model_fields) == len(MODEL_FIELDS)
+    for f in [*(f for f in fields(AttentionSettings) if not f.name.startswith("_")), *model_fields]:
         assert f.name in rows, f"docs/usage.md lists no --{f.name.replace('_', '-')}"
         choices = field_choices(f)
         if choices and f.default is not None:

@@ -12,7 +12,9 @@ validation set, where there is one; ``--shared-setting`` ignores tune.sh's), sho
 tested against softmax by paired bootstrap resampling (``significance.py``), and every run's learning curve
 (validation loss and BLEU per saved checkpoint, ``curves.py``) is plotted.
 
-Outputs, in RESULTS_ROOT/<task>/compare/: ``compare.md`` (the table), ``compare.json``, ``sparsity.png``,
+Outputs, in RESULTS_ROOT/<task>/compare/ (``compare_dir``: ``compare@shared/`` for ``--shared-setting``,
+``compare@max_update=3000/`` for ``--set train.max_update=3000``, so that neither writes over the other):
+``compare.md`` (the table), ``compare.json``, ``<run>.analysis.json``, ``speed.json``, ``sparsity.png``,
 ``null_rate.png``, ``near_null_rate.png`` (per layer and head, one row of panels per system),
 ``cross_sentence<N>_layer<L>.png`` (cross-attention of test sentence N in layer L, one row per system, one column per
 head), ``learning_curves.png``, and where the task has gold word alignments ``aer_by_layer.png``.
@@ -33,7 +35,7 @@ from ..errors import MissingDependencyError
 from ..files import read_json, read_lines, write_json
 from ..systems import LABELS
 from .commands import training_seconds
-from .config import Setting, Task
+from .config import Setting, Task, format_value
 from .curves import learning_curve
 from .evaluate import evaluate_if_needed, references
 from .prepare import prepare
@@ -48,7 +50,7 @@ REFERENCE = "softmax"
 
 def compare(task: Task, systems: list[str], seeds: int = 1, mirror: str | None = None) -> dict:
     started = time.time()
-    out_dir = os.path.join(task.results_dir, "compare")
+    out_dir = compare_dir(task)
     os.makedirs(out_dir, exist_ok=True)
     if REFERENCE not in systems:
         systems = [REFERENCE, *systems]
@@ -113,6 +115,15 @@ def compare(task: Task, systems: list[str], seeds: int = 1, mirror: str | None =
     print(table)
     print(f"\nwritten to {out_dir}: compare.md, compare.json and {len(plots)} plots")
     return report
+
+
+def compare_dir(task: Task) -> str:
+    """Where a comparison's tables and plots go: RESULTS_ROOT/<task>/compare for the systems' own settings, else
+    ``compare@`` and what differs (``shared`` for --shared-setting, then each ``--set``)."""
+    differs = [] if task.use_tuned else ["shared"]
+    differs += [f"{key}={format_value(value)}" for section in ("train", "evaluate")
+                for key, value in task.command_line[section].items()]
+    return os.path.join(task.results_dir, "compare" + ("@" + ",".join(differs) if differs else ""))
 
 
 def check_report_dependencies(command: str) -> None:
@@ -185,7 +196,7 @@ def _analyse_if_needed(task: Task, system: str, out_dir: str) -> dict:
     cached beside the table."""
     from ..analyze import AlignmentSettings, analyse, load_model
 
-    path = os.path.join(out_dir, f"{system}.analysis.json")
+    path = os.path.join(out_dir, f"{task.run_name(system)}.analysis.json")  # per run: settings never share one
     result_path = task.result_path(system)
     if newer(path, result_path):
         logger.info(f"{system}: attention analysed already, reusing {path}")

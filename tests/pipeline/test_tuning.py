@@ -267,6 +267,17 @@ def test_set_on_the_command_line_overrides_every_system_into_folders_of_their_ow
     assert task.run_name("rela_g") == "rela_g@max_update=60,attn_qkv_bias_init=zero"
     command, _ = train_command(task, "rela_g")
     assert command[command.index("--attn-qkv-bias-init") + 1] == "zero"
+    # a comparison at other settings writes its tables, plots and analyses into a folder of its own
+    from rela_tools.pipeline.compare import compare_dir
+
+    del task.command_line["train"]["attn_qkv_bias_init"]
+    assert os.path.basename(compare_dir(task)) == "compare@max_update=60,lenpen=1"
+    task.use_tuned = False
+    assert os.path.basename(compare_dir(task)) == "compare@shared,max_update=60,lenpen=1"
+    task.command_line = {"train": {}, "evaluate": {}}
+    assert os.path.basename(compare_dir(task)) == "compare@shared"
+    task.use_tuned = True
+    assert os.path.basename(compare_dir(task)) == "compare"
     for bad, message in (("max_update=5", "give SECTION.KEY=VALUE"),
                          ("train.max_updates=5", "unknown key 'max_updates'"),
                          ("train.max_update=many", r"train.max_update = 'many' should be int"),

@@ -29,9 +29,12 @@ def main(command):
     except OSError:  # no server: run it here
         os.execvp(command[0], command)
     tool = None
+    early = []  # signals that came before the server said which process the tool is: sent on when it does
 
     def forward(signum, frame):
-        if tool is not None:
+        if tool is None:
+            early.append(signum)
+        else:
             os.kill(tool, signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -45,6 +48,8 @@ def main(command):
             connection.close()
             os.execvp(command[0], command)
         tool = answer.get("pid", tool)
+        while tool is not None and early:  # under load the tool can start (and be signalled) before its pid arrives
+            os.kill(tool, early.pop(0))
         if "code" in answer:
             code = answer["code"]
             if code < 0:  # killed by a signal: end the same way

@@ -11,6 +11,10 @@ identical SDPA call (``sdpa_control``), whose ratio shows how far two identical 
 * ``decode``: one query against ``length`` cached keys, the step of incremental decoding (no gradients);
 * peak memory of ``train`` (the growth of the process's resident memory, as benchmarks/speed.py measures it).
 
+``ceiling``: the machine's own matrix-product rate (a large float32 ``torch.mm``, the best of the rounds) over SDPA's
+rate in ``train`` (its seven products' arithmetic per second): no core that computes these products, however fused,
+can run faster than that against SDPA.
+
 ``products`` times the matrix products alone (2 forward, 5 backward with the scores recomputed, as the fused core and
 flash attention's backward compute them), without any attention function: how close each core runs to the arithmetic
 it cannot avoid.
@@ -142,6 +146,24 @@ def peak_train_memory(fn: Callable, tensors: list[torch.Tensor], grad: torch.Ten
     return peak.peak / 2**20
 
 
+PRODUCTS = 7  # matrix products of a core: 2 forward, 5 backward (the scores recomputed), each 2·T·S·d_h per head
+
+
+def gemm_rate(size: int, repeats: int) -> float:
+    """GFLOP/s of a ``size``-square float32 ``torch.mm``, the best of ``repeats`` after a warm-up: the rate that no
+    core's matrix products beat on this machine."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * size ** 3 / best / 1e9
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def interleaved(fns: dict[str, Callable], tensors: list[torch.Tensor], grad: torch.Tensor, mode: str, repeats: int,
                 label: str) -> dict[str, list[float]]:
     """Seconds per call of every system, one call each per round after a warm-up, the order rotating every round."""
@@ -173,6 +195,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
             raise SystemExit(f"the fused kernels are unavailable ({kernels.BACKENDS['cpu'].failure}): measure "
                              f"without {', '.join(missing)} (--systems)")
     rows, raw = [], {}
+    gemm = gemm_rate(args.gemm_size, args.repeats)
+    print(f"  matrix products: {gemm:.0f} GFLOP/s ({args.gemm_size}-square torch.mm)", file=sys.stderr, flush=True)
     for head_dim in args.head_dims:
         for length in args.lengths:
             for mode in args.modes:
@@ -184,15 +208,19 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                 memory = ({s: peak_train_memory(fns[s], tensors, grad) for s in systems}
                           if mode == "train" and "memory" in args.measure else {})
                 raw[f"d{head_dim}/L{length}/{mode}"] = times
+                flops = PRODUCTS * 2 * length * length * head_dim * args.batch * args.heads
                 for s in systems:
                     ratios = [ref / t for ref, t in zip(times[REFERENCE], times[s])]
+                    gflops = flops / statistics.median(times[s]) / 1e9 if mode == "train" else None
                     rows.append({"head_dim": head_dim, "length": length, "mode": mode, "system": s,
                                  "route": SYSTEMS[s][0], "ms": round(1000 * statistics.median(times[s]), 3),
                                  "speed_vs_sdpa": round(statistics.median(ratios), 3),
+                                 "gflops": round(gflops, 1) if gflops is not None else None,
+                                 "ceiling_vs_sdpa": round(gemm / gflops, 3) if gflops and s == REFERENCE else None,
                                  "peak_mb": round(memory[s], 1) if s in memory else None,
                                  "memory_vs_sdpa": (round(memory[s] / memory[REFERENCE], 3)
                                                     if s in memory and memory[REFERENCE] > 0 else None)})
-    return rows, raw
+    return rows, {"gemm_gflops": round(gemm, 1), **raw}
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -201,13 +229,16 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     routes = {r["system"]: r["route"] for r in rows}
     lines = []
     for mode in dict.fromkeys(r["mode"] for r in rows):
-        header = ["d_h", "keys", "sdpa ms", *(f"{s} ({routes[s]})" for s in others)]
+        train = mode == "train"
+        header = ["d_h", "keys", "sdpa ms", *(["sdpa GFLOP/s", "ceiling"] if train else []),
+                  *(f"{s} ({routes[s]})" for s in others)]
         with_memory = any(r["peak_mb"] is not None for r in rows if r["mode"] == mode)
         if with_memory:
             header += ["sdpa MB", *(f"{s} mem" for s in others)]
         what = "forward + backward" if mode == "train" else "one query against the cached keys, no gradients"
         lines += [f"**{mode}** ({what}): speed × SDPA (> 1: faster)"
-                  + (", and peak memory × SDPA's" if with_memory else ""), "",
+                  + (", and peak memory × SDPA's" if with_memory else "")
+                  + ("; ceiling: the machine's matrix-product rate over SDPA's" if train else ""), "",
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         cells: dict[tuple[int, int], dict[str, dict[str, Any]]] = {
             (r["head_dim"], r["length"]): {} for r in rows if r["mode"] == mode}
@@ -217,6 +248,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         for (head_dim, length), by_system in cells.items():
             ref = by_system[REFERENCE]
             row = [str(head_dim), str(length), f"{ref['ms']:.2f}",
+                   *([f"{ref['gflops']:.0f}", f"{ref['ceiling_vs_sdpa']:.2f}"] if train else []),
                    *(f"{by_system[s]['speed_vs_sdpa']:.2f}" for s in others)]
             if with_memory:
                 row += [f"{ref['peak_mb']:.0f}", *(f"{by_system[s]['memory_vs_sdpa']:.2f}"
@@ -240,15 +272,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--measure", nargs="+", choices=("speed", "memory"), default=["speed", "memory"])
     p.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS),
                    help="default: all (sdpa, the reference, is always measured)")
+    p.add_argument("--gemm-size", type=int, help="the square torch.mm that measures the machine's matrix-product "
+                   "rate (default 2048)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", help="write every measurement and ratio to this file")
     args = p.parse_args(argv)
-    quick = dict(lengths=[32, 64], head_dims=[8], batch=1, heads=2, repeats=1)
-    full = dict(lengths=[128, 256, 512, 1024, 2048, 4096], head_dims=[32, 64], batch=2, heads=8, repeats=5)
+    quick = dict(lengths=[32, 64], head_dims=[8], batch=1, heads=2, repeats=1, gemm_size=128)
+    full = dict(lengths=[128, 256, 512, 1024, 2048, 4096], head_dims=[32, 64], batch=2, heads=8, repeats=5,
+                gemm_size=2048)
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("lengths", "head_dims", "batch", "heads", "repeats"):
+    for key in ("lengths", "head_dims", "batch", "heads", "repeats", "gemm_size"):
         value = getattr(args, key)
         if min(value if isinstance(value, list) else [value]) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1, got {value}")

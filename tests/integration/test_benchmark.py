@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from helpers import REPO
 
@@ -120,6 +121,20 @@ def test_attention_core_benchmark_against_sdpa_quick(tmp_path):
     assert {r["route"] for r in rows if r["system"] in ("rela", "relu2", "relu_len", "sigmoid")} == {"fused"}
     assert {r["route"] for r in rows if r["system"] == "rela_eager"} == {"eager"}
     assert {r["route"] for r in rows if r["system"] == "products"} == {"products only"}
+    # the ceiling: the machine's matrix-product rate over SDPA's rate (its seven products' arithmetic per second)
+    report = json.loads(out.read_text())
+    assert report["raw"]["gemm_gflops"] > 0
+    assert "| d_h | keys | sdpa ms | sdpa GFLOP/s | ceiling |" in proc.stdout
+    for r in rows:
+        if r["mode"] == "decode":
+            assert r["gflops"] is None and r["ceiling_vs_sdpa"] is None
+            continue
+        flops = 7 * 2 * r["length"] ** 2 * 8 * 1 * 2  # quick: d_h 8, batch 1, 2 heads
+        assert r["gflops"] == pytest.approx(flops / (r["ms"] / 1000) / 1e9, rel=0.01, abs=0.1)
+        if r["system"] == "sdpa":
+            assert r["ceiling_vs_sdpa"] == pytest.approx(report["raw"]["gemm_gflops"] / r["gflops"], rel=0.1)
+        else:
+            assert r["ceiling_vs_sdpa"] is None
 
 
 def test_the_products_floor_computes_the_attention_products_and_their_gradients():

@@ -185,6 +185,10 @@ def _run_tool(request, stdio, close_fds, fairseq_import):
     standard streams, as file descriptors or paths."""
     for fd in close_fds:
         os.close(fd)
+    # SIGHUP at its default, as in an interpreter started from a terminal: a suite run under nohup (which ignores
+    # SIGHUP, and so does the server it starts) would otherwise fork every tool ignoring it, and a tool_client.py
+    # that forwards a SIGHUP would wait for a tool that lives on
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     fairseq_import.withdraw()
     for fd, stream, flags in zip((0, 1, 2), stdio, (os.O_RDONLY, os.O_WRONLY | os.O_TRUNC, os.O_WRONLY | os.O_TRUNC)):
         opened = os.open(stream, flags) if isinstance(stream, str) else stream

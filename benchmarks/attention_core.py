@@ -215,12 +215,12 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                     rows.append({"head_dim": head_dim, "length": length, "mode": mode, "system": s,
                                  "route": SYSTEMS[s][0], "ms": round(1000 * statistics.median(times[s]), 3),
                                  "speed_vs_sdpa": round(statistics.median(ratios), 3),
-                                 "gflops": round(gflops, 1) if gflops is not None else None,
+                                 "gflops": round(gflops, 3) if gflops is not None else None,
                                  "ceiling_vs_sdpa": round(gemm / gflops, 3) if gflops and s == REFERENCE else None,
                                  "peak_mb": round(memory[s], 1) if s in memory else None,
                                  "memory_vs_sdpa": (round(memory[s] / memory[REFERENCE], 3)
                                                     if s in memory and memory[REFERENCE] > 0 else None)})
-    return rows, {"gemm_gflops": round(gemm, 1), **raw}
+    return rows, {"gemm_gflops": round(gemm, 3), **raw}
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

@@ -9,7 +9,11 @@ identical SDPA call (``sdpa_control``), whose ratio shows how far two identical 
 
 * ``train``: forward + backward of O = f(scale · Q Kᵀ) V, [batch × heads, length, d_h], no mask, no dropout;
 * ``decode``: one query against ``length`` cached keys, the step of incremental decoding (no gradients);
-* peak memory of ``train`` (the growth of the process's resident memory, as benchmarks/speed.py measures it).
+* peak memory of ``train``: the most tensor memory held at once during forward + backward, counted from every
+  allocation and release of PyTorch's CPU allocator (its profiler's memory events: exact, the same in every run).
+  Both SDPA and the fused kernels take their per-thread scratch from that allocator on the calling thread; BLAS's own
+  packing buffers are outside it for both. The process's resident growth (benchmarks/speed.py) moved by as much as
+  the differences at these sizes.
 
 ``ceiling``: the machine's own matrix-product rate (a large float32 ``torch.mm``, the best of the rounds) over SDPA's
 rate in ``train`` (its seven products' arithmetic per second): no core that computes these products, however fused,
@@ -42,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import speed  # noqa: E402  PeakMemory, environment
+import speed  # noqa: E402  the environment
 
 # name -> (route, the element-wise function on the scaled scores, or None for SDPA); the fused routes use the kernels
 SYSTEMS: dict[str, tuple[str, Optional[str]]] = {
@@ -139,11 +143,25 @@ def time_decode(fn: Callable, tensors: list[torch.Tensor]) -> float:
         return time.perf_counter() - start
 
 
+def peak_allocated_mb(work: Callable[[], Any]) -> float:
+    """The most memory (MiB) that PyTorch's CPU allocator had handed out at once during ``work()``, counted from
+    ``work``'s start: the running sum of the profiler's allocation and release events, in time order. Allocations made
+    on threads the profiler does not follow (a kernel's own OpenMP workers) are not seen."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        work()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak / 2**20
+
+
 def peak_train_memory(fn: Callable, tensors: list[torch.Tensor], grad: torch.Tensor) -> float:
     leaves = [t.detach().requires_grad_() for t in tensors]
-    with speed.PeakMemory(torch.device("cpu")) as peak:
-        fn(*leaves).backward(grad)
-    return peak.peak / 2**20
+    return peak_allocated_mb(lambda: fn(*leaves).backward(grad))
 
 
 PRODUCTS = 7  # matrix products of a core: 2 forward, 5 backward (the scores recomputed), each 2·T·S·d_h per head
@@ -162,6 +180,11 @@ def _timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def significant(x: float) -> float:
+    """x to 4 significant digits: ratios and rates of every size keep the digits that checks of them need."""
+    return float(f"{x:.4g}")
 
 
 def interleaved(fns: dict[str, Callable], tensors: list[torch.Tensor], grad: torch.Tensor, mode: str, repeats: int,
@@ -213,14 +236,14 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                     ratios = [ref / t for ref, t in zip(times[REFERENCE], times[s])]
                     gflops = flops / statistics.median(times[s]) / 1e9 if mode == "train" else None
                     rows.append({"head_dim": head_dim, "length": length, "mode": mode, "system": s,
-                                 "route": SYSTEMS[s][0], "ms": round(1000 * statistics.median(times[s]), 3),
-                                 "speed_vs_sdpa": round(statistics.median(ratios), 3),
-                                 "gflops": round(gflops, 3) if gflops is not None else None,
-                                 "ceiling_vs_sdpa": round(gemm / gflops, 3) if gflops and s == REFERENCE else None,
-                                 "peak_mb": round(memory[s], 1) if s in memory else None,
-                                 "memory_vs_sdpa": (round(memory[s] / memory[REFERENCE], 3)
+                                 "route": SYSTEMS[s][0], "ms": significant(1000 * statistics.median(times[s])),
+                                 "speed_vs_sdpa": significant(statistics.median(ratios)),
+                                 "gflops": significant(gflops) if gflops is not None else None,
+                                 "ceiling_vs_sdpa": significant(gemm / gflops) if gflops and s == REFERENCE else None,
+                                 "peak_mb": significant(memory[s]) if s in memory else None,
+                                 "memory_vs_sdpa": (significant(memory[s] / memory[REFERENCE])
                                                     if s in memory and memory[REFERENCE] > 0 else None)})
-    return rows, {"gemm_gflops": round(gemm, 3), **raw}
+    return rows, {"gemm_gflops": significant(gemm), **raw}
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -251,7 +274,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                    *([f"{ref['gflops']:.0f}", f"{ref['ceiling_vs_sdpa']:.2f}"] if train else []),
                    *(f"{by_system[s]['speed_vs_sdpa']:.2f}" for s in others)]
             if with_memory:
-                row += [f"{ref['peak_mb']:.0f}", *(f"{by_system[s]['memory_vs_sdpa']:.2f}"
+                row += [f"{ref['peak_mb']:.1f}", *(f"{by_system[s]['memory_vs_sdpa']:.2f}"
                                                    if by_system[s]["memory_vs_sdpa"] is not None else "–"
                                                    for s in others)]
             lines.append("| " + " | ".join(row) + " |")

@@ -270,13 +270,40 @@ inline int64_t grain(int64_t numbers_per_row) {
 }
 
 // The queries the core handles at a time: the whole block where it is small, else enough rows for about 256K scores
-// (1 MB a buffer: the scores, weights and gradients of a block stay in the cache between the passes over them, and a
-// thread never holds T x S of anything), at least 32 rows so that the matrix products stay efficient
-constexpr int64_t kBlockScores = 262144;
+// (1 MB a buffer: a block's scores and weights, then gradients, stay in the cache between the passes over them, and a
+// thread never holds T x S of anything), and between 64K and 256K scores no more than a quarter of the block's T x S,
+// at least 32 rows so that the matrix products stay efficient. The quarter: at 256-1,024 keys a whole T x S buffer per
+// thread holds more than PyTorch's flash attention does (the allocator's accounting, benchmarks/attention_core.py);
+// smaller blocks everywhere cost speed at 1,024-2,048 keys (docs/speed.md)
+#ifndef RELA_BLOCK_SCORES  // -DRELA_BLOCK_SCORES=N builds another block size (to measure one against another)
+#define RELA_BLOCK_SCORES 262144
+#endif
+constexpr int64_t kBlockScores = RELA_BLOCK_SCORES;
+constexpr int64_t kMinBlockScores = 65536;
 inline int64_t query_block(int64_t T, int64_t S, int64_t D) {
   if (T * S * D <= kSmallBlock) return T;
-  return std::min<int64_t>(T, std::max<int64_t>(32, kBlockScores / std::max<int64_t>(S, 1)));
+  const int64_t scores = std::min(kBlockScores, std::max(kMinBlockScores, T * S / 4));
+  return std::min<int64_t>(T, std::max<int64_t>(32, scores / std::max<int64_t>(S, 1)));
 }
+
+// Per-thread scratch, allocated by the calling thread before at::parallel_for (as PyTorch's own flash attention does):
+// one [buffers, rows, cols] slice per thread that may run a task, so that PyTorch's allocator (and its profiler's
+// memory accounting) sees all of it. Nested in another parallel region, at::parallel_for runs inline: one slice.
+struct Scratch {
+  Tensor slices;
+  explicit Scratch(int64_t tasks, int64_t buffers, int64_t rows, int64_t cols, const at::TensorOptions& options)
+      : slices(at::empty({at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(
+                              tasks, 1)), buffers, rows, cols}, options)) {}
+  // buffer `i` of the running thread's slice
+  float* buffer(int64_t i) const {
+    const int64_t slot = slices.size(0) == 1 ? 0 : at::get_thread_num();
+    return slices.data_ptr<float>() + (slot * slices.size(1) + i) * slices.size(2) * slices.size(3);
+  }
+  Tensor view(int64_t i) const {  // as a [rows, cols] tensor (the at::mm_out paths)
+    const int64_t slot = slices.size(0) == 1 ? 0 : at::get_thread_num();
+    return slices[slot][i];
+  }
+};
 
 // a [T, B*H, D] tensor, returned as its [B*H, T, D] view (fairseq's layout, and the inputs')
 Tensor time_major_like(const Tensor& x) {
@@ -308,10 +335,11 @@ Tensor attention_forward(const Tensor& q_in, const Tensor& k_in, const Tensor& v
   Tensor out = time_major_like(q);
   const int64_t TB = query_block(T, S, D);
   const bool small = T * S * D <= kSmallBlock;  // then one block of all T queries (query_block)
+  const Scratch scratch(BH, 1, TB, S, q.options());
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain ATen calls: no autograd bookkeeping per block
-    Tensor scores = at::empty({TB, S}, q.options());
-    float* s = scores.data_ptr<float>();
+    const Tensor scores = scratch.view(0);
+    float* s = scratch.buffer(0);
     for (int64_t bh = begin; bh < end; ++bh) {
       const bool* pad_row = m.padding ? m.padding + (bh / heads) * S : nullptr;
       for (int64_t t0 = 0; t0 < T; t0 += TB) {  // a block of queries at a time: its scores stay in the cache
@@ -361,14 +389,15 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out_in, const Tensor& 
   const float scale_f = static_cast<float>(scale);
   const int64_t TB = query_block(T, S, D);
   const bool small = T * S * D <= kSmallBlock;  // then one block of all T queries (query_block)
+  // two buffers a thread: scale * S + masks, and A~, which dV = A~^T dO is the last to read and dA~ = dO V^T then
+  // overwrites (then scale * dL/dS in place)
+  const Scratch scratch(BH, 2, TB, S, q.options());
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Tensor raw = at::empty({TB, S}, q.options());      // scale * S + masks
-    Tensor weights = at::empty({TB, S}, q.options());  // A~
-    Tensor grad = at::empty({TB, S}, q.options());     // dL/dA~, then scale * dL/dS
-    float* r = raw.data_ptr<float>();
-    float* a = weights.data_ptr<float>();
-    float* ga = grad.data_ptr<float>();
+    const Tensor raw = scratch.view(0), weights = scratch.view(1), grad = weights;
+    float* r = scratch.buffer(0);
+    float* a = scratch.buffer(1);
+    float* ga = a;
     for (int64_t bh = begin; bh < end; ++bh) {
       const bool* pad_row = m.padding ? m.padding + (bh / heads) * S : nullptr;
       const float bias_bh = act.bias_of(bh);

@@ -152,3 +152,39 @@ def test_attention_core_benchmark_rejects_bad_arguments():
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "attention_core.py"), "--lengths", "0"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "--lengths must be at least 1, got [0]" in proc.stderr
+
+
+def test_peak_allocated_memory_is_the_most_held_at_once():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import attention_core
+
+    def work():
+        first = torch.empty(1 << 20)  # 4 MiB, released before the second
+        del first
+        second = torch.empty(2 << 20)  # 8 MiB
+        return second
+    assert attention_core.peak_allocated_mb(work) == pytest.approx(8.0, abs=0.01)
+
+
+def test_the_fused_core_scratch_is_counted_for_every_thread():
+    """The kernels allocate each thread's scratch on the calling thread, so that the allocator's accounting (and the
+    memory comparison with SDPA, which does the same) sees all of it: with 2 threads, the forward holds its output and
+    two score blocks of 128 queries × 512 keys (a quarter of 512 × 512: the query block between 64K and 256K scores)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import attention_core
+
+    from rela_fairseq import kernels
+
+    ext = kernels.BACKENDS["cpu"].load()
+    if ext is None:
+        pytest.fail(f"the fused CPU kernels do not build here: {kernels.BACKENDS['cpu'].failure}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k, v = (torch.randn(4, 512, 64) for _ in range(3))
+        peak = attention_core.peak_allocated_mb(
+            lambda: kernels.fused_attention(ext, q, k, v, heads=2, scale=0.125, activation="relu"))
+    finally:
+        torch.set_num_threads(threads)
+    out, block = 4 * 512 * 64 * 4, 128 * 512 * 4
+    assert peak == pytest.approx((out + 2 * block) / 2**20, abs=0.01)

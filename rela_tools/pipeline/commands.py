@@ -20,6 +20,7 @@ from ..errors import RelaConfigError, RelaFairseqError
 from ..systems import get_system
 from .config import Setting, Task
 from .fairseq_tool import command as fairseq_command
+from .fairseq_tool import dies_with_this_process
 from .runtime import USER_DIR, Hardware
 
 MAX_BATCH_DEVIATION = 0.02
@@ -189,7 +190,8 @@ def training_seconds(log: str) -> float | None:
 def run_fairseq(cmd: list[str], tool: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a fairseq command line (``generate_command``, ``train_command``) to the end, its output captured, with
     ``env`` added to the environment; a failure is an error naming ``tool`` and ending with its stderr."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env} if env else None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env} if env else None,
+                          preexec_fn=dies_with_this_process())
     if proc.returncode != 0:
         raise RelaFairseqError(f"{tool} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc

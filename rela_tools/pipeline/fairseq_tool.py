@@ -19,11 +19,14 @@ GPUs with NCCL.
 tests/support/tool_client.py).
 """
 
+import ctypes
 import importlib
 import logging
 import os
 import shlex
+import signal
 import sys
+from typing import Callable
 
 TOOLS = {  # console script -> the module whose cli_main it runs (fairseq's setup.py entry points)
     "fairseq-preprocess": "fairseq_cli.preprocess",
@@ -36,6 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 PREFIX_VAR = "RELA_TOOL_PREFIX"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def prefix(env=os.environ):
@@ -50,6 +54,24 @@ def command(tool):
         raise ValueError(f"unknown fairseq tool {tool!r}; choose one of {', '.join(TOOLS)}")
     script = os.path.join(HERE, "fairseq_tool.py")
     return [script, tool] if tool.endswith("-torchrun") else [*prefix(), sys.executable, script, tool]
+
+
+def dies_with_this_process() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for the tools this process starts: each gets SIGTERM when this process dies, however it dies
+    (``kill PID``, SIGKILL, a crash), so that a killed pipeline leaves no fairseq-train running on into its run's
+    folder; by then the pipeline has stopped reading its output, and fairseq logs on past the closed pipe. Linux's
+    PR_SET_PDEATHSIG, set in the child before exec (exec keeps it; so do ``nice`` and ``numactl`` prefixes, which
+    exec the tool); a child whose parent died before that exits at once. None (nothing to set) off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls it
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died between fork and prctl
+            os._exit(128 + signal.SIGTERM)
+    return set_death_signal
 
 
 def distributed_args(env=os.environ, cuda=None):

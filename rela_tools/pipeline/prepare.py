@@ -26,6 +26,7 @@ from .config import Task, item_download
 from .corpora import NORMALISATION_VERSION, CorpusError, extract_members, normalise, read_parallel
 from .download import fetch, local_name
 from .fairseq_tool import command as fairseq_command
+from .fairseq_tool import dies_with_this_process
 from .records import describe_changes
 
 logger = logging.getLogger(__name__)
@@ -273,5 +274,5 @@ def _binarize(task: Task, workers: int) -> None:
         subprocess.run([*fairseq_command("fairseq-preprocess"), "--source-lang", task.src, "--target-lang", task.tgt,
                         "--trainpref", os.path.join(prefix, "train"), "--validpref", os.path.join(prefix, "valid"),
                         "--testpref", os.path.join(prefix, "test"), "--destdir", tmp, "--workers", str(workers)],
-                       check=True)
+                       check=True, preexec_fn=dies_with_this_process())
         shutil.copyfile(task.path("spm", "spm.model"), os.path.join(tmp, "spm.model"))  # for hub loading

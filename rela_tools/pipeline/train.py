@@ -26,6 +26,7 @@ from ..files import write_json
 from .commands import overridden_batch, train_command
 from .config import Setting, Task
 from .fairseq_tool import command as fairseq_command
+from .fairseq_tool import dies_with_this_process
 from .fairseq_tool import prefix as tool_prefix
 from .records import RUN_RECORD, finished_updates, repair_interrupted_copies, resume_record, training_complete
 from .runtime import hardware, tool
@@ -95,7 +96,7 @@ def run_logged(cmd: list[str], log_path: str) -> int:
         log.write(f"# {datetime.datetime.now().isoformat(timespec='seconds')}: {' '.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=dies_with_this_process())
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(line)

@@ -316,3 +316,48 @@ def test_a_finished_run_is_not_trained_again_and_its_cut_removals_are_completed(
     assert sorted(os.listdir(tmp_path)) == ["checkpoint2.pt", "checkpoint3.pt", "checkpoint_2_15.pt",
                                             "checkpoint_3_25.pt", "checkpoint_best.pt", "checkpoint_last.pt"]
     assert not training_complete(str(tmp_path), ["DATA", "--max-update", "0"])  # no limit: fairseq decides
+
+
+PARENT = """
+import sys
+sys.path.insert(0, {repo!r})
+from rela_tools.pipeline.commands import run_fairseq
+from rela_tools.pipeline.train import run_logged
+child = [sys.executable, "-c", "import os, time; open({pid_file!r}, 'w').write(str(os.getpid())); time.sleep(120)"]
+if {how!r} == "run_logged":
+    run_logged(child, {log!r})
+else:
+    run_fairseq(child, "the child")
+"""
+
+
+def test_a_killed_pipeline_takes_its_fairseq_tools_along(tmp_path):
+    """``kill -9`` of the pipeline's own process (not its group) ends the tool it runs (fairseq-train through
+    run_logged, fairseq-generate through run_fairseq): no tool trains on into a run's folder behind a dead pipeline."""
+    for how in ("run_logged", "run_fairseq"):
+        pid_file = tmp_path / f"{how}.pid"
+        parent = subprocess.Popen([sys.executable, "-c", PARENT.format(repo=REPO, pid_file=str(pid_file), how=how,
+                                                                       log=str(tmp_path / "train.log"))],
+                                  stdout=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 60
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert parent.poll() is None and time.time() < deadline, f"{how}: the child never started"
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 10
+        while _alive(child):
+            if time.time() > deadline:
+                os.kill(child, signal.SIGKILL)
+                raise AssertionError(f"{how}: the tool (pid {child}) outlived the pipeline that started it")
+            time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

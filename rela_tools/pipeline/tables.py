@@ -20,7 +20,7 @@ from .significance import mark
 TASK_ORDER = ("wmt14_en_de", "wmt14_en_fr", "wmt18_en_fi", "wmt18_zh_en", "wmt16_ro_en", "iwslt14_de_en", "toy")
 TASK_LABELS = {"wmt14_en_de": "En-De", "wmt14_en_fr": "En-Fr", "wmt18_en_fi": "En-Fi", "wmt18_zh_en": "Zh-En",
                "wmt16_ro_en": "Ro-En", "iwslt14_de_en": "IWSLT De-En", "toy": "toy"}
-HEAD_OFF_RATE = 0.5  # a head counts as switched off when it attends to nothing for more than half of its queries
+HEAD_OFF_RATE = 0.5  # a head counts as switched off when it attends to (almost) nothing for more than half its queries
 
 
 def mean_sd(values: list) -> dict:
@@ -131,7 +131,8 @@ def tune_table(report: dict) -> str:
     notes = ["", f"{report['task']}{' (QUICK)' if report['quick'] else ''}: validation set only. valid BLEU: "
              "SacreBLEU of the average of each run's last checkpoints (as evaluated on the test set), mean ± sd over "
              "the seeds; valid loss: fairseq's validation loss (label-smoothed, base 2) at the last update; heads off: "
-             f"the share of attention heads that attend to nothing for more than {HEAD_OFF_RATE:.0%} of their "
+             f"the share of attention heads that attend to (almost) nothing, their weights summing to less than "
+             f"{NEAR_NULL_MASS} (ReLA's exact null rows included), for more than {HEAD_OFF_RATE:.0%} of their "
              "queries (validation set, teacher-forced; all attention types). "
              "pinned: set for this system by the config's systems, not tuned. Bold: the point chosen per system "
              "(highest valid BLEU; ties: lower loss)."]

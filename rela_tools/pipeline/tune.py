@@ -133,10 +133,14 @@ def _point(setting: Setting, point: dict, runs: list[dict]) -> dict:
 
 
 def heads_off(attention: dict) -> float:
-    """The share of a model's attention heads (every type, layer and head) that are null, attending to nothing, for
-    more than HEAD_OFF_RATE of their queries (``AttentionStats.summary()``). ReLA's heads can; softmax's cannot."""
-    rates = [head["null_rate"] for entry in attention["types"].values() for layer in entry["layers"]
-             for head in layer["heads"] if head["null_rate"] is not None]
+    """The share of a model's attention heads (every type, layer and head) that are off, attending to (almost)
+    nothing, for more than HEAD_OFF_RATE of their queries (``AttentionStats.summary()``): rows whose weights sum to
+    less than the near-null mass (``near_null_rate``, ReLA's exact null rows included), so that a soft switch-off
+    (sigmoid, softmax's null slot) counts as ReLA's exact one does; softmax's heads cannot. Summaries without the
+    near-null rate count exact null rows."""
+    rates = [head.get("near_null_rate", head["null_rate"]) for entry in attention["types"].values()
+             for layer in entry["layers"] for head in layer["heads"]]
+    rates = [rate for rate in rates if rate is not None]
     return round(sum(rate > HEAD_OFF_RATE for rate in rates) / len(rates), 4) if rates else 0.0
 
 
@@ -150,7 +154,7 @@ def heads_off_if_needed(task: Task, system: str, seed: int, setting: Setting, fo
     path = os.path.join(task.tune_dir, "attention", f"{task.run_name(system, seed, setting)}.json")
     last = os.path.join(task.checkpoint_dir(system, seed, setting), "checkpoint_last.pt")
     if not force and newer(path, last):
-        return read_json(path)["heads_off"]
+        return heads_off(read_json(path)["attention"])  # from the summary: the definition of the day
     checkpoint, _ = averaged_checkpoint(task, system, seed, setting)
     model, fairseq_task = load_model(checkpoint, task.bin_dir, "valid")
     attention = analyse(model, fairseq_task, "valid", progress=False).attention

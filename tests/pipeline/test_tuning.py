@@ -173,7 +173,20 @@ def test_heads_off_counts_heads_null_for_more_than_half_their_queries():
 
     summary = {"types": {"encoder": {"layers": [layer(0.0, 0.51), layer(0.5, 0.9)]},
                          "cross": {"layers": [layer(None, 0.2)]}}}  # None: a head that saw no query
-    assert heads_off(summary) == 0.4  # 2 of the 5 heads with a rate
+    assert heads_off(summary) == 0.4  # 2 of the 5 heads with a rate (a summary without near-null rates)
+
+
+def test_heads_off_counts_a_soft_switch_off_as_an_exact_one():
+    """Sigmoid's and softmax_null's rows are never exactly 0: a head is off where its rows hold almost no weight
+    (near-null, which counts ReLA's exact nulls too) for more than half its queries."""
+    from rela_tools.pipeline.tune import heads_off
+
+    def head(null_rate, near_null_rate):
+        return {"null_rate": null_rate, "near_null_rate": near_null_rate}
+
+    summary = {"types": {"encoder": {"layers": [{"heads": [head(0.0, 0.99), head(0.0, 0.3)]}]},  # softmax_null
+                         "cross": {"layers": [{"heads": [head(0.6, 0.6), head(0.0, None)]}]}}}  # ReLA; no query
+    assert heads_off(summary) == 0.6667  # 2 of the 3 heads with a rate, to 4 digits
 
 
 def test_tune_and_compare_check_that_they_can_plot_before_training_anything(tmp_path, monkeypatch):

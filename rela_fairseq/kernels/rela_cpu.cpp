@@ -294,15 +294,9 @@ struct Scratch {
   explicit Scratch(int64_t tasks, int64_t buffers, int64_t rows, int64_t cols, const at::TensorOptions& options)
       : slices(at::empty({at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(
                               tasks, 1)), buffers, rows, cols}, options)) {}
-  // buffer `i` of the running thread's slice
-  float* buffer(int64_t i) const {
-    const int64_t slot = slices.size(0) == 1 ? 0 : at::get_thread_num();
-    return slices.data_ptr<float>() + (slot * slices.size(1) + i) * slices.size(2) * slices.size(3);
-  }
-  Tensor view(int64_t i) const {  // as a [rows, cols] tensor (the at::mm_out paths)
-    const int64_t slot = slices.size(0) == 1 ? 0 : at::get_thread_num();
-    return slices[slot][i];
-  }
+  // buffer `i` of the running thread's slice, as a [rows, cols] tensor (the at::mm_out paths) or its data
+  Tensor view(int64_t i) const { return slices[slices.size(0) == 1 ? 0 : at::get_thread_num()][i]; }
+  float* buffer(int64_t i) const { return view(i).data_ptr<float>(); }
 };
 
 // a [T, B*H, D] tensor, returned as its [B*H, T, D] view (fairseq's layout, and the inputs')

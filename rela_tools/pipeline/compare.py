@@ -12,8 +12,8 @@ validation set, where there is one; ``--shared-setting`` ignores tune.sh's), sho
 tested against softmax by paired bootstrap resampling (``significance.py``), and every run's learning curve
 (validation loss and BLEU per saved checkpoint, ``curves.py``) is plotted.
 
-Outputs, in RESULTS_ROOT/<task>/compare/ (``compare_dir``: ``compare@shared/`` for ``--shared-setting``,
-``compare@max_update=3000/`` for ``--set train.max_update=3000``, so that neither writes over the other):
+Outputs, in RESULTS_ROOT/<task>/compare/ (``compare_dir``: ``compare@shared`` for ``--shared-setting``,
+``compare@max_update=3000`` for ``--set train.max_update=3000``, so that neither writes over the other):
 ``compare.md`` (the table), ``compare.json``, ``<run>.analysis.json``, ``speed.json``, ``sparsity.png``,
 ``null_rate.png``, ``near_null_rate.png`` (per layer and head, one row of panels per system),
 ``cross_sentence<N>_layer<L>.png`` (cross-attention of test sentence N in layer L, one row per system, one column per

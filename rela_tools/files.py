@@ -1,17 +1,20 @@
 """Files that are complete under their final name, or absent: every writer of the project goes through here.
 
-A file is written under ``<path>.tmp`` and renamed to ``<path>`` only when the writing finished; an interruption
-(error, Ctrl-C, kill) leaves at most a ``.tmp`` file behind, which the next run overwrites. ``os.replace`` is atomic on
-POSIX and Windows when both names are on one file system, which a sibling name guarantees.
+A file is written under ``<path>.<pid>.tmp`` and renamed to ``<path>`` only when the writing finished; an
+interruption (error, Ctrl-C, kill) leaves at most that ``.tmp`` file behind, which the next writer of the path removes
+once its process is gone. ``os.replace`` is atomic on POSIX and Windows when both names are on one file system, which a
+sibling name guarantees. The process id in the name lets two pipelines write one file at once (two tuning lanes both
+record the prepared data's fingerprint): with one shared ``<path>.tmp`` the first rename took the second's file away.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 
 @contextlib.contextmanager
@@ -19,7 +22,8 @@ def atomic_path(path: str) -> Iterator[str]:
     """A temporary sibling path to write (a file or a folder), renamed to ``path`` when the block completes;
     removed if it fails. An existing ``path`` is replaced."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
+    _remove_orphans(path)
+    tmp = f"{path}.{os.getpid()}.tmp"
     _remove(tmp)
     try:
         yield tmp
@@ -39,6 +43,23 @@ def atomic_open(path: str, mode: str = "w") -> Iterator[IO[Any]]:
         options: dict[str, Any] = {} if binary else {"encoding": "utf-8", "newline": "\n"}
         with open(tmp, mode, **options) as f:
             yield f
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created if missing) for the block; another process asking for it
+    waits (``on_wait`` is called once before waiting). The system releases it when its holder ends, killed or not."""
+    import fcntl  # POSIX, as the pipeline (fairseq's tools, bash scripts)
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def write_lines(path: str, lines: Iterable[str]) -> int:
@@ -67,6 +88,25 @@ def write_json(path: str, data: Any) -> None:
 def read_json(path: str) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def _remove_orphans(path: str) -> None:
+    """Remove the ``<path>.<pid>.tmp`` siblings left by writers that were killed (their process is gone)."""
+    for tmp in glob.glob(glob.escape(path) + ".*.tmp"):
+        pid = tmp[len(path) + 1 : -len(".tmp")]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                _remove(tmp)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _remove(path: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Callable, cast
 
 from tqdm import tqdm
 
-from ..files import atomic_open, atomic_path, read_json, write_json
+from ..files import atomic_open, atomic_path, exclusive_lock, read_json, write_json
 from .config import Task, item_download
 from .corpora import NORMALISATION_VERSION, CorpusError, extract_members, normalise, read_parallel
 from .download import fetch, local_name
@@ -89,7 +89,14 @@ class Steps:
 
 
 def prepare(task: Task, mirror: str | None = None, workers: int | None = None) -> str:
-    """Prepare ``task``'s data; returns the fingerprint of what was prepared (recorded by training)."""
+    """Prepare ``task``'s data; returns the fingerprint of what was prepared (recorded by training). One pipeline at a
+    time prepares a task's data (two tuning lanes started together): the others wait, then find the steps done."""
+    with exclusive_lock(task.path("prepare.lock"),
+                        lambda: logger.info(f"{task.name}: another pipeline is preparing this data; waiting for it")):
+        return _prepare(task, mirror, workers)
+
+
+def _prepare(task: Task, mirror: str | None, workers: int | None) -> str:
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     steps = Steps(task.path("steps"))
     data = task["data"]

@@ -41,6 +41,19 @@ def test_reproduce_toy_writes_a_json_result_with_a_sacrebleu_signature(quick_roo
     assert "[generate] already done" in again.stderr and "[binarize] already done" in again.stderr
 
 
+def test_two_pipelines_preparing_one_task_at_once_prepare_it_once(tmp_path):
+    # two tuning lanes started together: the second waits for the first, then finds every step done
+    env = script_env(tmp_path)
+    procs = [subprocess.Popen(script_command("prepare.sh", "toy"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    ran = [log for log in logs if "[generate] ...\n" in log]
+    assert len(ran) == 1, logs
+    assert all("[binarize] already done" in log for log in logs if log not in ran), logs
+    assert not [name for name in os.listdir(tmp_path / "data" / "toy") if name.endswith(".tmp")]
+
+
 @pytest.mark.one_python  # compare's own logic: fairseq's version changes nothing in it (test_compare.py's marker)
 def test_main_job_is_the_comparison_multi30k_runs_with_the_toy_tasks_aer(quick_root):
     with open(os.path.join(SCRIPTS, "toy_demo.sh"), encoding="utf-8") as f:

@@ -23,7 +23,7 @@ import logging
 import os
 
 from ..errors import RelaConfigError
-from ..files import write_json
+from ..files import atomic_open, write_json
 from ..systems import LABELS
 from .config import TUNED_FILE, Setting, Task, format_value
 from .curves import run_valid_losses
@@ -111,7 +111,7 @@ def tune(task: Task, systems: list[str], seeds: int = 1, mirror: str | None = No
     write_json(os.path.join(task.tune_dir, "tune.json"), report)
     write_tuned(task, report)
     table = tune_table(report)
-    with open(os.path.join(task.tune_dir, "tune.md"), "w", encoding="utf-8") as f:
+    with atomic_open(os.path.join(task.tune_dir, "tune.md")) as f:
         f.write(table + "\n")
     print(table)
     print(f"\nwritten to {task.tune_dir}: tune.md, tune.json and {TUNED_FILE} (the choice compare.sh uses)")
@@ -165,16 +165,17 @@ def heads_off_if_needed(task: Task, system: str, seed: int, setting: Setting, fo
 def write_tuned(task: Task, report: dict) -> None:
     """tuned.json: the chosen overrides per system, merged into the systems tuned before (tune.sh softmax, then
     tune.sh rela_g, keeps both choices)."""
-    from ..files import read_json
+    from ..files import exclusive_lock, read_json
 
     path = os.path.join(task.tune_dir, TUNED_FILE)
-    tuned = read_json(path) if os.path.exists(path) else {"systems": {}}
-    for system, entry in report["systems"].items():
-        best = next(p for p in entry["points"] if p["chosen"])
-        tuned["systems"][system] = {**entry["chosen"], "valid_bleu": best["valid_bleu"]["mean"],
-                                    "seeds": report["seeds"], "date": report["date"]}
-    tuned["task"], tuned["quick"] = task.name, task.quick
-    write_json(path, tuned)
+    with exclusive_lock(path + ".lock"):  # two tuning lanes that finish together both keep their choice
+        tuned = read_json(path) if os.path.exists(path) else {"systems": {}}
+        for system, entry in report["systems"].items():
+            best = next(p for p in entry["points"] if p["chosen"])
+            tuned["systems"][system] = {**entry["chosen"], "valid_bleu": best["valid_bleu"]["mean"],
+                                        "seeds": report["seeds"], "date": report["date"]}
+        tuned["task"], tuned["quick"] = task.name, task.quick
+        write_json(path, tuned)
     task._tuned = None  # read again on the next Task.setting
 
 

@@ -3,6 +3,8 @@ the logic, without training (tests/pipeline/test_compare.py runs tune.sh and com
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from helpers import edit_yaml, pipeline_folders
@@ -163,6 +165,28 @@ def test_tune_chooses_by_validation_bleu_then_loss_and_never_evaluates_the_test_
     tune.tune(task, ["softmax"])
     tuned = json.loads((tmp_path / "results" / "toy" / "tune" / "tuned.json").read_text())
     assert set(tuned["systems"]) == {"rela_g", "softmax"} and tuned["systems"]["rela_g"]["valid_bleu"] == 21.0
+
+
+TUNER = """
+import sys, types
+from rela_tools.pipeline.tune import write_tuned
+task = types.SimpleNamespace(tune_dir=sys.argv[1], name="multi30k_de_en", quick=False, _tuned=None)
+for i in range(40):
+    point = {"chosen": True, "valid_bleu": {"mean": 30.0}}
+    write_tuned(task, {"seeds": [1], "date": "today",
+                       "systems": {f"{sys.argv[2]}{i}": {"chosen": {"train": {}, "evaluate": {}}, "points": [point]}}})
+"""
+
+
+def test_two_tuning_lanes_finishing_together_both_keep_their_choice(tmp_path):
+    # tuned.json is read, merged and written by every tune.sh: two at once lost one of the merges
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lanes = [subprocess.Popen([sys.executable, "-c", TUNER, str(tmp_path), lane], cwd=repo, stderr=subprocess.PIPE,
+                              text=True) for lane in ("a", "b")]
+    errors = [lane.communicate()[1] for lane in lanes]
+    assert [lane.returncode for lane in lanes] == [0, 0], errors
+    with open(tmp_path / "tuned.json", encoding="utf-8") as f:
+        assert sorted(json.load(f)["systems"]) == sorted(f"{lane}{i}" for lane in "ab" for i in range(40))
 
 
 def test_heads_off_counts_heads_null_for_more_than_half_their_queries():

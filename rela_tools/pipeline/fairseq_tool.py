@@ -26,6 +26,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 from typing import Callable
 
 TOOLS = {  # console script -> the module whose cli_main it runs (fairseq's setup.py entry points)
@@ -74,6 +75,32 @@ def dies_with_this_process() -> Callable[[], None] | None:
     return set_death_signal
 
 
+def forked_children_die_with_this_process() -> None:
+    """Every process this one forks from its main thread, and those forked from theirs (fairseq-preprocess's
+    ``--workers`` pool, fairseq-train's data-loader workers), gets SIGTERM when its parent dies. The pipeline's death
+    signal reaches the tool it started only: a killed fairseq-preprocess left its pool workers waiting for work
+    forever, and their chunk files of a cut binarisation could be written beside the re-run's. A fork from another
+    thread is left alone: the signal follows the forking thread, and such a thread may end before its process.
+    Linux only, as ``dies_with_this_process``."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    main_thread = threading.main_thread().ident
+    forker = {"pid": os.getpid()}
+
+    def before_fork() -> None:
+        forker["pid"] = os.getpid()
+
+    def in_child() -> None:
+        if threading.get_ident() != main_thread:
+            return
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != forker["pid"]:  # the parent died before the prctl
+            os._exit(128 + signal.SIGTERM)
+
+    os.register_at_fork(before=before_fork, after_in_child=in_child)
+
+
 def distributed_args(env=os.environ, cuda=None):
     """fairseq-train's options for the process torchrun started (RANK, WORLD_SIZE, LOCAL_RANK in ``env``)."""
     if cuda is None:
@@ -105,6 +132,7 @@ def main():
     from rela_tools.quiet import quiet_known_warnings
 
     quiet_known_warnings()
+    forked_children_die_with_this_process()
     if tool.endswith("-torchrun"):
         args += distributed_args()
     sys.argv = [tool.replace("-torchrun", ""), *args]

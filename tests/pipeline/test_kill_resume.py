@@ -9,6 +9,7 @@ inside the copy: ``python test_kill_resume.py PYTHON fairseq_tool.py fairseq-tra
 process and kills it half-way through the copy that KILL_INSIDE_COPY names.
 """
 
+import contextlib
 import glob
 import os
 import random
@@ -361,3 +362,66 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+@pytest.mark.one_python  # the signal is set by the plugin's wrapper, not by fairseq
+def test_a_killed_fairseq_tool_takes_its_worker_processes_along(tmp_path):
+    """The death signal reaches the tool the pipeline started; fairseq-preprocess's ``--workers`` pool is the tool's
+    own: the tool's death sends its workers SIGTERM too. The workers are stopped first so that none ends of its own
+    (a pool's workers end once their last chunk is done): the SIGTERM must then be pending in every one of them."""
+    rng = random.Random(3)
+    words = [f"w{i}" for i in range(3000)]
+    for lang in ("de", "en"):
+        with open(tmp_path / f"train.{lang}", "w") as f:
+            for _ in range(60_000):
+                f.write(" ".join(rng.choices(words, k=12)) + "\n")
+    tool = subprocess.Popen([sys.executable, os.path.join(REPO, "rela_tools", "pipeline", "fairseq_tool.py"),
+                             "fairseq-preprocess", "--source-lang", "de", "--target-lang", "en",
+                             "--trainpref", str(tmp_path / "train"), "--destdir", str(tmp_path / "bin"),
+                             "--workers", "3"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stopped, seen = [], {}
+    try:
+        deadline = time.time() + 120
+        while len(stopped) < 2:
+            assert tool.poll() is None, "fairseq-preprocess ended before its workers could be caught"
+            assert time.time() < deadline, "fairseq-preprocess started no workers"
+            for worker in set(_children(tool.pid)) - set(stopped):
+                if time.time() - seen.setdefault(worker, time.time()) < 0.05:
+                    continue  # a worker stopped between its fork and its prctl would never get the signal
+                try:
+                    os.kill(worker, signal.SIGSTOP)
+                    stopped.append(worker)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.01)
+        tool.terminate()
+        tool.wait()
+        time.sleep(0.2)
+        not_signalled = [w for w in stopped if _alive(w) and not _pending(w) & (1 << (signal.SIGTERM - 1))]
+        assert not not_signalled, f"fairseq-preprocess's workers {not_signalled} got no signal when it died"
+    finally:
+        for worker in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
+        if tool.poll() is None:
+            tool.kill()
+
+
+def _pending(pid: int) -> int:
+    """The signals pending for process ``pid`` (its own and its thread group's), as a bit mask."""
+    with open(f"/proc/{pid}/status") as f:
+        masks = dict(line.split(":\t") for line in f if line.startswith(("SigPnd", "ShdPnd")))
+    return int(masks["SigPnd"], 16) | int(masks["ShdPnd"], 16)

@@ -45,21 +45,49 @@ def atomic_open(path: str, mode: str = "w") -> Iterator[IO[Any]]:
             yield f
 
 
+class LockHeld(Exception):
+    """``exclusive_lock(path, wait=False)`` found the lock held by another process (``holder``: its process id, as
+    it wrote it into the file, or None if it had not yet)."""
+
+    def __init__(self, path: str, holder: int | None):
+        self.path, self.holder = path, holder
+        super().__init__(f"{path} is held by process {holder if holder is not None else '(not yet known)'}")
+
+
 @contextlib.contextmanager
-def exclusive_lock(path: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+def exclusive_lock(path: str, on_wait: Callable[[int | None], None] | None = None,
+                   wait: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on the file ``path`` (created if missing) for the block; another process asking for it
-    waits (``on_wait`` is called once before waiting). The system releases it when its holder ends, killed or not."""
+    waits (``on_wait`` is called once before waiting, with the holder's process id), or with ``wait=False`` gets
+    ``LockHeld``. The holder writes its process id into the file. The system releases the lock when its holder ends,
+    killed or not."""
     import fcntl  # POSIX, as the pipeline (fairseq's tools, bash scripts)
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as f:
+    with open(path, "a+", encoding="utf-8") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = lock_holder(path)
+            if not wait:
+                raise LockHeld(path, holder) from None
             if on_wait:
-                on_wait()
+                on_wait(holder)
             fcntl.flock(f, fcntl.LOCK_EX)
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
         yield
+
+
+def lock_holder(path: str) -> int | None:
+    """The process id that the holder of ``exclusive_lock(path)`` wrote, if any."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def write_lines(path: str, lines: Iterable[str]) -> int:

@@ -32,7 +32,7 @@ import time
 from ..analyze.plots import learning_curve_plot
 from ..attention_types import ATTENTION_TYPES
 from ..errors import MissingDependencyError
-from ..files import read_json, read_lines, write_json
+from ..files import exclusive_lock, read_json, read_lines, write_json
 from ..systems import LABELS
 from .commands import training_seconds
 from .config import Setting, Task, format_value
@@ -42,7 +42,7 @@ from .prepare import prepare
 from .records import ResultRecord, finished_updates, newer, reusable_result
 from .significance import compare_to_reference
 from .tables import compare_table, mean_sd
-from .train import train_if_needed
+from .train import share_runs, train_if_needed
 
 logger = logging.getLogger(__name__)
 REFERENCE = "softmax"
@@ -65,20 +65,40 @@ def compare(task: Task, systems: list[str], seeds: int = 1, mirror: str | None =
     first_seed = task["train"]["seed"]
     seed_list = list(range(first_seed, first_seed + seeds))
 
-    runs: dict[str, list[dict]] = {}
-    for system in systems:
+    def run(unit: tuple[str, int]) -> dict:
+        system, seed = unit
         setting = settings[system]
-        for seed in seed_list:
-            stage(f"{LABELS[system]}, seed {seed}: train")
-            trained_now = train_if_needed(task, system, seed, setting)
-            stage(f"{LABELS[system]}, seed {seed}: evaluate")
-            result = evaluate_if_needed(task, system, seed, setting, force=trained_now)
-            runs.setdefault(system, []).append(_run_entry(task, system, seed, setting, result))
-        runs[system] += _further_finished_seeds(task, system, seed_list, setting)
-        for entry in runs[system]:
-            stage(f"{LABELS[system]}, seed {entry['seed']}: learning curve")
-            entry["curve"] = learning_curve(task, system, entry["seed"], setting)
+        stage(f"{LABELS[system]}, seed {seed}: train")
+        trained_now = train_if_needed(task, system, seed, setting)
+        stage(f"{LABELS[system]}, seed {seed}: evaluate")
+        entry = _run_entry(task, system, seed, setting,
+                           evaluate_if_needed(task, system, seed, setting, force=trained_now))
+        stage(f"{LABELS[system]}, seed {seed}: learning curve")
+        entry["curve"] = learning_curve(task, system, seed, setting)
+        return entry
 
+    # a second compare.sh of these systems started beside this one takes the runs this one is not on (train.py)
+    units = [(system, seed) for system in systems for seed in seed_list]
+    entries = share_runs(task, units, lambda unit: (unit[0], unit[1], settings[unit[0]]), run)
+    runs: dict[str, list[dict]] = {system: [] for system in systems}
+    for (system, _), entry in zip(units, entries):
+        runs[system].append(entry)
+    for system in systems:
+        for entry in _further_finished_seeds(task, system, seed_list, settings[system]):
+            stage(f"{LABELS[system]}, seed {entry['seed']}: learning curve")
+            entry["curve"] = learning_curve(task, system, entry["seed"], settings[system])
+            runs[system].append(entry)
+
+    # the rest once, by one compare.sh at a time: the speed must be measured with nothing else running, and a second
+    # one started beside this one then finds it all done
+    with exclusive_lock(os.path.join(out_dir, "compare.lock"), lambda holder: logger.info(
+            f"another compare.sh ({holder}) is analysing and timing these runs; waiting for it")):
+        return _report(task, systems, settings, seed_list, runs, out_dir, stage, started)
+
+
+def _report(task: Task, systems: list[str], settings: dict[str, Setting], seed_list: list[int],
+            runs: dict[str, list[dict]], out_dir: str, stage: _Stages, started: float) -> dict:
+    """Analysis, significance, speed, the table and the plots of the finished runs."""
     analyses = {}
     for system in systems:
         stage(f"{LABELS[system]}: attention analysis")

@@ -91,8 +91,8 @@ class Steps:
 def prepare(task: Task, mirror: str | None = None, workers: int | None = None) -> str:
     """Prepare ``task``'s data; returns the fingerprint of what was prepared (recorded by training). One pipeline at a
     time prepares a task's data (two tuning lanes started together): the others wait, then find the steps done."""
-    with exclusive_lock(task.path("prepare.lock"),
-                        lambda: logger.info(f"{task.name}: another pipeline is preparing this data; waiting for it")):
+    with exclusive_lock(task.path("prepare.lock"), lambda holder: logger.info(
+            f"{task.name}: another pipeline (process {holder}) is preparing this data; waiting for it")):
         return _prepare(task, mirror, workers)
 
 

@@ -10,6 +10,11 @@ from ``checkpoint_last.pt`` (fairseq's own restore), after repairing what a kill
 leaves behind (``records.repair_interrupted_copies``). One node: fairseq starts one process per GPU itself. Several
 nodes: start this on every node with NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT set; it runs fairseq through torchrun
 (NCCL). NPROC_PER_NODE forces torchrun with that many processes per node (on CPUs: gloo, for tests).
+
+**One process at a time works on a run** (``run_lock``: ``run.lock`` in its checkpoint folder): two fairseq-trains in
+one folder would write over each other's checkpoints. train.sh waits for the other process; tune.sh and compare.sh
+go on to the next run and come back to the busy one last (``share_runs``), so that the same tune.sh or compare.sh
+started twice, one thread each, shares the runs between the two (docs/usage.md).
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
+from typing import TypeVar
 
 from ..errors import RelaFairseqError
-from ..files import write_json
+from ..files import LockHeld, exclusive_lock, write_json
 from .commands import overridden_batch, train_command
 from .config import Setting, Task
 from .fairseq_tool import command as fairseq_command
@@ -32,20 +40,74 @@ from .records import RUN_RECORD, finished_updates, repair_interrupted_copies, re
 from .runtime import hardware, tool
 
 logger = logging.getLogger(__name__)
+RUN_LOCK = "run.lock"
+_held_runs: set[str] = set()  # the run locks this process holds: a holder asking again goes on (train in tune)
+Unit = TypeVar("Unit")
+Done = TypeVar("Done")
+
+
 class TrainingFailed(RelaFairseqError):
     def __init__(self, returncode: int, log: str):
         self.returncode = returncode
         super().__init__(f"fairseq-train exited with code {returncode}; its output is in {log}")
 
 
+@contextmanager
+def run_lock(task: Task, system: str, seed: int | None, setting: Setting, wait: bool = True) -> Iterator[None]:
+    """Work on one run alone: another process holding it is waited for (``wait``) or raises ``files.LockHeld``. A
+    process holding the lock already goes on."""
+    path = os.path.join(task.checkpoint_dir(system, seed, setting), RUN_LOCK)
+    if path in _held_runs:
+        yield
+        return
+    run = task.run_name(system, seed, setting)
+    with exclusive_lock(path, wait=wait, on_wait=lambda holder: logger.info(
+            f"{run}: another process ({holder}) is working on this run; waiting for it")):
+        _held_runs.add(path)
+        try:
+            yield
+        finally:
+            _held_runs.discard(path)
+
+
+def share_runs(task: Task, units: Sequence[Unit], run_of: Callable[[Unit], tuple[str, int, Setting]],
+               work: Callable[[Unit], Done]) -> list[Done]:
+    """``work(unit)`` for every unit, in order, each under the lock of its run (``run_of(unit)``: system, seed,
+    setting); a unit whose run another process holds (the same tune.sh or compare.sh started beside this one) comes
+    last, waited for then, so that side-by-side processes each take other runs and train none twice. Returns the
+    results in the units' order."""
+    done: dict[int, Done] = {}
+    busy = []
+    for i, unit in enumerate(units):
+        try:
+            with run_lock(task, *run_of(unit), wait=False):
+                done[i] = work(unit)
+        except LockHeld as held:
+            system, seed, setting = run_of(unit)
+            if held.path != os.path.join(task.checkpoint_dir(system, seed, setting), RUN_LOCK):
+                raise  # another lock, taken inside the work
+            logger.info(f"{task.run_name(system, seed, setting)}: another process ({held.holder}) is working on "
+                        "this run; taking the next one and coming back to it last")
+            busy.append(i)
+    for i in busy:
+        with run_lock(task, *run_of(units[i])):
+            done[i] = work(units[i])
+    return [done[i] for i in range(len(units))]
+
+
 def train(task: Task, system: str, extra_args=(), seed: int | None = None, setting: Setting | None = None) -> str:
     """Train (or resume) one system at ``setting`` (default: its own, ``Task.setting``); returns the checkpoint
-    folder."""
+    folder. Another process training the same run is waited for (``run_lock``)."""
+    setting = setting or task.setting(system)
+    with run_lock(task, system, seed, setting):
+        return _train(task, system, extra_args, seed, setting)
+
+
+def _train(task: Task, system: str, extra_args, seed: int | None, setting: Setting) -> str:
     if not os.path.exists(os.path.join(task.bin_dir, f"dict.{task.tgt}.txt")):
         raise RelaFairseqError(f"no binarised data for {task.name} in {task.bin_dir}: run "
                                f"scripts/prepare.sh {task.name} first")
     hw = hardware()
-    setting = setting or task.setting(system)
     args, split = train_command(task, system, extra_args, hw, seed, setting)
     checkpoint_dir = task.checkpoint_dir(system, seed, setting)
     os.makedirs(checkpoint_dir, exist_ok=True)

@@ -31,7 +31,7 @@ from .evaluate import evaluate_if_needed
 from .prepare import prepare
 from .records import data_record, newer
 from .tables import HEAD_OFF_RATE, mean_sd, tune_table
-from .train import train_if_needed
+from .train import share_runs, train_if_needed
 
 logger = logging.getLogger(__name__)
 
@@ -68,30 +68,41 @@ def tune(task: Task, systems: list[str], seeds: int = 1, mirror: str | None = No
     stage("prepare the data")
     prepare(task, mirror=mirror)
 
+    # a training point's setting: its training values, the decoding left as it is
+    trained_at = {(system, index): task.setting(system, point={"train": train_point, "evaluate": {}})
+                  for system, (train_points, _) in grids.items() for index, train_point in enumerate(train_points)}
+
+    def score(unit: tuple[str, int, int]) -> list[dict]:  # (system, index of the training point, seed)
+        system, index, seed = unit
+        train_point, setting = grids[system][0][index], trained_at[(system, index)]
+        run = task.run_name(system, seed, setting)
+        values = ", ".join(f"{key} {format_value(value)}" for key, value in train_point.items()) or "shared"
+        stage(f"{LABELS[system]} {values}, seed {seed}: train ({run})")
+        trained_now = train_if_needed(task, system, seed, setting)
+        stage(f"{LABELS[system]} {values}, seed {seed}: validation BLEU, heads switched off")
+        losses = run_valid_losses(task.checkpoint_dir(system, seed, setting))
+        heads_off = heads_off_if_needed(task, system, seed, setting, force=trained_now)
+        scored = []
+        for evaluate_point in grids[system][1]:
+            decoding = task.setting(system, point={"train": train_point, "evaluate": evaluate_point})
+            result = evaluate_if_needed(task, system, seed, decoding, force=trained_now, split="valid")
+            scored.append({"seed": seed, "run": run, "evaluate": evaluate_point,
+                           "valid_bleu": result["sacrebleu"]["score"],
+                           "valid_loss": losses[max(losses)] if losses else None,
+                           "heads_off": heads_off, "updates": max(losses) if losses else None})
+        return scored
+
+    units = [(system, index, seed) for system in systems for index in range(len(grids[system][0]))
+             for seed in seed_list]
+    # a second tune.sh of these systems started beside this one takes the runs this one is not on (train.py)
+    scored_units = dict(zip(units, share_runs(task, units, lambda u: (u[0], u[2], trained_at[u[:2]]), score)))
+
     report_systems = {}
     for system in systems:
         train_points, evaluate_points = grids[system]
         points = []
-        for train_point in train_points:
-            trained = {"train": train_point, "evaluate": {}}
-            scored_runs = []
-            values = ", ".join(f"{key} {format_value(value)}" for key, value in train_point.items()) or "shared"
-            for seed in seed_list:
-                setting = task.setting(system, point=trained)
-                run = task.run_name(system, seed, setting)
-                stage(f"{LABELS[system]} {values}, seed {seed}: train ({run})")
-                trained_now = train_if_needed(task, system, seed, setting)
-                stage(f"{LABELS[system]} {values}, seed {seed}: validation BLEU, heads switched off")
-                losses = run_valid_losses(task.checkpoint_dir(system, seed, setting))
-                heads_off = heads_off_if_needed(task, system, seed, setting, force=trained_now)
-                for evaluate_point in evaluate_points:
-                    decoding = task.setting(system, point={"train": train_point, "evaluate": evaluate_point})
-                    result = evaluate_if_needed(task, system, seed, decoding, force=trained_now, split="valid")
-                    scored_runs.append({"seed": seed, "run": run, "evaluate": evaluate_point,
-                                        "valid_bleu": result["sacrebleu"]["score"],
-                                        "valid_loss": losses[max(losses)] if losses else None,
-                                        "heads_off": heads_off,
-                                        "updates": max(losses) if losses else None})
+        for index, train_point in enumerate(train_points):
+            scored_runs = [entry for seed in seed_list for entry in scored_units[(system, index, seed)]]
             for evaluate_point in evaluate_points:
                 these = [r for r in scored_runs if r["evaluate"] == evaluate_point]
                 point = {"train": train_point, "evaluate": evaluate_point}

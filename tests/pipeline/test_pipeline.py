@@ -54,6 +54,51 @@ def test_two_pipelines_preparing_one_task_at_once_prepare_it_once(tmp_path):
     assert not [name for name in os.listdir(tmp_path / "data" / "toy") if name.endswith(".tmp")]
 
 
+def run_side_by_side(tmp_path, script, *args, lanes=2):
+    """``script`` started ``lanes`` times at once on one task, one thread each; returns their (stdout, stderr)."""
+    env = script_env(tmp_path, QUICK=1, OMP_NUM_THREADS=1)
+    procs = [subprocess.Popen(script_command(script, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(lanes)]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0] * lanes, [err[-3000:] for _, err in outputs]
+    return outputs
+
+
+def fairseq_train_starts(checkpoints):
+    """{run folder: how many times fairseq-train was started in it} (train.log's "# date: command" lines)."""
+    return {log.parent.name: sum(line.startswith("# ") and " fairseq-train " in line
+                                 for line in log.read_text().splitlines())
+            for log in checkpoints.rglob("train.log")}
+
+
+@pytest.mark.one_python
+def test_the_same_tune_started_twice_shares_the_runs_and_trains_none_twice(tmp_path):
+    # two lanes of one tune.sh (a laptop's two cores): each takes the runs the other is not on
+    outputs = run_side_by_side(tmp_path, "tune.sh", "toy", "softmax", "rela_g")
+    starts = fairseq_train_starts(tmp_path / "checkpoints")
+    assert len(starts) == 4 and set(starts.values()) == {1}, starts  # QUICK: two grid points a system
+    trained_by = [len(re.findall(r"running: .*fairseq-train ", err)) for _, err in outputs]
+    assert sorted(trained_by) != [0, 4] and sum(trained_by) == 4, trained_by
+    assert any("coming back to it last" in err for _, err in outputs)
+    tables = [out[out.index("| system |"):out.index("written to")] for out, _ in outputs]
+    assert tables[0] == tables[1]  # the lane that finished last waited for the other's runs, then chose alike
+    tuned = json.loads((tmp_path / "results" / "toy-quick" / "tune" / "tuned.json").read_text())
+    assert sorted(tuned["systems"]) == ["rela_g", "softmax"]
+
+
+@pytest.mark.one_python
+def test_the_same_compare_started_twice_shares_the_runs_and_times_them_once(tmp_path):
+    outputs = run_side_by_side(tmp_path, "compare.sh", "toy", "softmax", "rela_g")
+    starts = fairseq_train_starts(tmp_path / "checkpoints")
+    assert len(starts) == 2 and set(starts.values()) == {1}, starts
+    trained_by = [len(re.findall(r"running: .*fairseq-train ", err)) for _, err in outputs]
+    assert trained_by == [1, 1], trained_by
+    # one of them analysed and timed the runs, alone; the other waited for it, then reused its measurement
+    assert sum("speed measured already, reusing" in err for _, err in outputs) == 1
+    tables = [out[out.index("| system |"):out.index("written to")] for out, _ in outputs]
+    assert tables[0] == tables[1]
+
+
 @pytest.mark.one_python  # compare's own logic: fairseq's version changes nothing in it (test_compare.py's marker)
 def test_main_job_is_the_comparison_multi30k_runs_with_the_toy_tasks_aer(quick_root):
     with open(os.path.join(SCRIPTS, "toy_demo.sh"), encoding="utf-8") as f:

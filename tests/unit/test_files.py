@@ -56,3 +56,36 @@ def test_a_failed_write_leaves_the_previous_file_and_no_debris(tmp_path):
     with open(target, encoding="utf-8") as f:
         assert f.read() == '{\n  "systems": [\n    "softmax"\n  ]\n}\n'
     assert os.listdir(tmp_path) == ["tuned.json"]
+
+
+HOLDER = """
+import sys, time
+from rela_tools.files import exclusive_lock
+with exclusive_lock(sys.argv[1]):
+    print("holding", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_held_lock_names_its_holder_and_waits_or_refuses(tmp_path):
+    import pytest
+
+    from rela_tools.files import LockHeld, exclusive_lock
+
+    path = str(tmp_path / "run.lock")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, path], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        with pytest.raises(LockHeld) as held:
+            with exclusive_lock(path, wait=False):
+                pass
+        assert held.value.holder == holder.pid and held.value.path == path and str(holder.pid) in str(held.value)
+        waited_for = []
+        holder.terminate()  # the system releases a dead holder's lock: the waiter goes on
+        with exclusive_lock(path, on_wait=waited_for.append):
+            with open(path) as f:
+                assert f.read() == f"{os.getpid()}\n"  # the new holder's id replaced the old one's
+        assert waited_for in ([holder.pid], [])  # waited for the dying holder, or found it gone already
+    finally:
+        holder.kill()
+        holder.wait()

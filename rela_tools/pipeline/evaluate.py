@@ -27,6 +27,7 @@ from .records import (
     reusable_result,
 )
 from .runtime import hardware
+from .train import run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +157,18 @@ def evaluate(task: Task, system: str, seed: int | None = None, setting: Setting 
              split: str = "test") -> ResultRecord:
     """Score one run at ``setting`` (default: the system's own) on ``split``: the test set (the run's result JSON,
     hypotheses and fairseq-generate log in RESULTS_ROOT/<task>/) or the validation set (tune.sh's, in
-    RESULTS_ROOT/<task>/tune/valid/, one per evaluate setting)."""
+    RESULTS_ROOT/<task>/tune/valid/, one per evaluate setting). A process training the run is waited for
+    (``train.run_lock``): its checkpoints are not the finished run's."""
+    setting = setting or task.setting(system)
+    with run_lock(task, system, seed, setting):
+        return _evaluate(task, system, seed, setting, split)
+
+
+def _evaluate(task: Task, system: str, seed: int | None, setting: Setting, split: str) -> ResultRecord:
     import fairseq
     import sacrebleu
     import torch
 
-    setting = setting or task.setting(system)
     settings = setting.evaluate
     run = task.run_name(system, seed, setting)
     checkpoint, inputs = averaged_checkpoint(task, system, seed, setting)

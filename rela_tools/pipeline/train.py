@@ -12,9 +12,9 @@ nodes: start this on every node with NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
 (NCCL). NPROC_PER_NODE forces torchrun with that many processes per node (on CPUs: gloo, for tests).
 
 **One process at a time works on a run** (``run_lock``: ``run.lock`` in its checkpoint folder): two fairseq-trains in
-one folder would write over each other's checkpoints. train.sh waits for the other process; tune.sh and compare.sh
-go on to the next run and come back to the busy one last (``share_runs``), so that the same tune.sh or compare.sh
-started twice, one thread each, shares the runs between the two (docs/usage.md).
+one folder would write over each other's checkpoints. train.sh and evaluate.sh wait for the other process; tune.sh
+and compare.sh go on to the next run and come back to the busy one last (``share_runs``), so that the same tune.sh or
+compare.sh started twice, one thread each, shares the runs between the two (docs/usage.md).
 """
 
 from __future__ import annotations

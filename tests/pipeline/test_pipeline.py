@@ -99,6 +99,52 @@ def test_the_same_compare_started_twice_shares_the_runs_and_times_them_once(tmp_
     assert tables[0] == tables[1]
 
 
+HOLD_LOCK = """
+import sys, time
+from rela_tools.files import exclusive_lock
+with exclusive_lock(sys.argv[1]):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.one_python
+def test_train_and_evaluate_wait_for_another_process_working_on_their_run(tmp_path):
+    import threading
+
+    env = script_env(tmp_path, QUICK=1, OMP_NUM_THREADS=1)
+    run_script("prepare.sh", "toy", env=env)
+    run_dir = tmp_path / "checkpoints" / "toy-quick" / "softmax"
+    for script in ("train.sh", "evaluate.sh"):
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir / "run.lock")], cwd=REPO,
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline() == "holding\n"
+            waiter = subprocess.Popen(script_command(script, "toy", "softmax"), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env)
+            lines: list[str] = []
+            reader = threading.Thread(target=lines.extend, args=(waiter.stderr,), daemon=True)
+            reader.start()
+            deadline = time.time() + 300
+            while not any("is working on this run; waiting for it" in line for line in lines):
+                assert waiter.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+                time.sleep(0.2)
+            time.sleep(2)
+            assert waiter.poll() is None  # still waiting: nothing trained or decoded meanwhile
+            if script == "train.sh":
+                assert not (run_dir / "train.log").exists()
+            else:
+                assert not (tmp_path / "results" / "toy-quick" / "softmax.json").exists()
+        finally:
+            holder.kill()
+            holder.wait()
+        waiter.wait(timeout=600)
+        reader.join()
+        assert waiter.returncode == 0, "".join(lines)[-3000:]
+        assert str(holder.pid) in next(line for line in lines if "waiting for it" in line)
+    assert (tmp_path / "results" / "toy-quick" / "softmax.json").exists()
+
+
 @pytest.mark.one_python  # compare's own logic: fairseq's version changes nothing in it (test_compare.py's marker)
 def test_main_job_is_the_comparison_multi30k_runs_with_the_toy_tasks_aer(quick_root):
     with open(os.path.join(SCRIPTS, "toy_demo.sh"), encoding="utf-8") as f:

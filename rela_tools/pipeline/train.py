@@ -98,15 +98,15 @@ def share_runs(task: Task, units: Sequence[Unit], run_of: Callable[[Unit], tuple
 def train(task: Task, system: str, extra_args=(), seed: int | None = None, setting: Setting | None = None) -> str:
     """Train (or resume) one system at ``setting`` (default: its own, ``Task.setting``); returns the checkpoint
     folder. Another process training the same run is waited for (``run_lock``)."""
+    if not os.path.exists(os.path.join(task.bin_dir, f"dict.{task.tgt}.txt")):
+        raise RelaFairseqError(f"no binarised data for {task.name} in {task.bin_dir}: run "
+                               f"scripts/prepare.sh {task.name} first")
     setting = setting or task.setting(system)
     with run_lock(task, system, seed, setting):
         return _train(task, system, extra_args, seed, setting)
 
 
 def _train(task: Task, system: str, extra_args, seed: int | None, setting: Setting) -> str:
-    if not os.path.exists(os.path.join(task.bin_dir, f"dict.{task.tgt}.txt")):
-        raise RelaFairseqError(f"no binarised data for {task.name} in {task.bin_dir}: run "
-                               f"scripts/prepare.sh {task.name} first")
     hw = hardware()
     args, split = train_command(task, system, extra_args, hw, seed, setting)
     checkpoint_dir = task.checkpoint_dir(system, seed, setting)

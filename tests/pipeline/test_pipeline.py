@@ -372,6 +372,7 @@ def test_bad_arguments_exit_nonzero_naming_them(tmp_path, args, message):
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()  # no run folder made on the way (its lock, its record)
 
 
 @pytest.mark.one_python

@@ -7,6 +7,7 @@ compound-split BLEU of older papers is added, labelled as such. One JSON result 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -160,9 +161,8 @@ def evaluate(task: Task, system: str, seed: int | None = None, setting: Setting 
     RESULTS_ROOT/<task>/tune/valid/, one per evaluate setting). A process training the run is waited for
     (``train.run_lock``): its checkpoints are not the finished run's."""
     setting = setting or task.setting(system)
-    if not os.path.isdir(task.checkpoint_dir(system, seed, setting)):
-        return _evaluate(task, system, seed, setting, split)  # no run: its error, and no folder made for the lock
-    with run_lock(task, system, seed, setting):
+    trained = os.path.isdir(task.checkpoint_dir(system, seed, setting))  # else its error, and no folder for a lock
+    with run_lock(task, system, seed, setting) if trained else contextlib.nullcontext():
         return _evaluate(task, system, seed, setting, split)
 
 

@@ -56,7 +56,7 @@ class TrainingFailed(RelaFairseqError):
 def run_lock(task: Task, system: str, seed: int | None, setting: Setting, wait: bool = True) -> Iterator[None]:
     """Work on one run alone: another process holding it is waited for (``wait``) or raises ``files.LockHeld``. A
     process holding the lock already goes on."""
-    path = os.path.join(task.checkpoint_dir(system, seed, setting), RUN_LOCK)
+    path = run_lock_path(task, system, seed, setting)
     if path in _held_runs:
         yield
         return
@@ -68,6 +68,10 @@ def run_lock(task: Task, system: str, seed: int | None, setting: Setting, wait: 
             yield
         finally:
             _held_runs.discard(path)
+
+
+def run_lock_path(task: Task, system: str, seed: int | None, setting: Setting) -> str:
+    return os.path.join(task.checkpoint_dir(system, seed, setting), RUN_LOCK)
 
 
 def share_runs(task: Task, units: Sequence[Unit], run_of: Callable[[Unit], tuple[str, int, Setting]],
@@ -83,10 +87,9 @@ def share_runs(task: Task, units: Sequence[Unit], run_of: Callable[[Unit], tuple
             with run_lock(task, *run_of(unit), wait=False):
                 done[i] = work(unit)
         except LockHeld as held:
-            system, seed, setting = run_of(unit)
-            if held.path != os.path.join(task.checkpoint_dir(system, seed, setting), RUN_LOCK):
+            if held.path != run_lock_path(task, *run_of(unit)):
                 raise  # another lock, taken inside the work
-            logger.info(f"{task.run_name(system, seed, setting)}: another process ({held.holder}) is working on "
+            logger.info(f"{task.run_name(*run_of(unit))}: another process ({held.holder}) is working on "
                         "this run; taking the next one and coming back to it last")
             busy.append(i)
     for i in busy:

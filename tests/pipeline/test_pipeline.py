@@ -14,7 +14,7 @@ import time
 import pytest
 import tool_server
 from archive_server import real_config, serve_config, write_local_configs
-from helpers import REPO, SCRIPTS, imported_modules, run_script, script_command, script_env
+from helpers import REPO, SCRIPTS, hold_lock, imported_modules, run_script, script_command, script_env
 
 # --------------------------------------------------------------------------- the toy task end to end
 
@@ -99,15 +99,6 @@ def test_the_same_compare_started_twice_shares_the_runs_and_times_them_once(tmp_
     assert tables[0] == tables[1]
 
 
-HOLD_LOCK = """
-import sys, time
-from rela_tools.files import exclusive_lock
-with exclusive_lock(sys.argv[1]):
-    print("holding", flush=True)
-    time.sleep(600)
-"""
-
-
 @pytest.mark.one_python
 def test_train_and_evaluate_wait_for_another_process_working_on_their_run(tmp_path):
     import threading
@@ -116,10 +107,8 @@ def test_train_and_evaluate_wait_for_another_process_working_on_their_run(tmp_pa
     run_script("prepare.sh", "toy", env=env)
     run_dir = tmp_path / "checkpoints" / "toy-quick" / "softmax"
     for script in ("train.sh", "evaluate.sh"):
-        holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir / "run.lock")], cwd=REPO,
-                                  stdout=subprocess.PIPE, text=True)
+        holder = hold_lock(run_dir / "run.lock")
         try:
-            assert holder.stdout.readline() == "holding\n"
             waiter = subprocess.Popen(script_command(script, "toy", "softmax"), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, env=env)
             lines: list[str] = []

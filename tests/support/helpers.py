@@ -178,6 +178,23 @@ def make_attention(fn="rela", embed_dim=EMBED, heads=HEADS, seed=0, dtype=torch.
 SCRIPTS = os.path.join(REPO, "scripts")
 
 
+LOCK_HOLDER = """
+import sys, time
+from rela_tools.files import exclusive_lock
+with exclusive_lock(sys.argv[1]):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def hold_lock(path):
+    """Another process holding ``files.exclusive_lock(path)`` until it is killed; returned once it holds it."""
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(path)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline() == "holding\n"
+    return holder
+
+
 def script_env(tmp, **extra):
     env = dict(os.environ, RELA_PYTHON=sys.executable, DATA_ROOT=str(tmp / "data"),
                CHECKPOINT_ROOT=str(tmp / "checkpoints"), RESULTS_ROOT=str(tmp / "results"), PYTHONUNBUFFERED="1")

@@ -4,9 +4,11 @@ import os
 import subprocess
 import sys
 
-from rela_tools.files import atomic_open, write_json
+import pytest
+from helpers import REPO, hold_lock
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rela_tools.files import LockHeld, atomic_open, exclusive_lock, write_json
+
 WRITER = """
 import sys
 from rela_tools.files import write_json
@@ -58,24 +60,10 @@ def test_a_failed_write_leaves_the_previous_file_and_no_debris(tmp_path):
     assert os.listdir(tmp_path) == ["tuned.json"]
 
 
-HOLDER = """
-import sys, time
-from rela_tools.files import exclusive_lock
-with exclusive_lock(sys.argv[1]):
-    print("holding", flush=True)
-    time.sleep(60)
-"""
-
-
 def test_a_held_lock_names_its_holder_and_waits_or_refuses(tmp_path):
-    import pytest
-
-    from rela_tools.files import LockHeld, exclusive_lock
-
     path = str(tmp_path / "run.lock")
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, path], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = hold_lock(path)
     try:
-        assert holder.stdout.readline() == "holding\n"
         with pytest.raises(LockHeld) as held:
             with exclusive_lock(path, wait=False):
                 pass
